@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Both create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED ?= ../shared
+RUN_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+# The pinned torch is the CPU build that lies on this machine's disk; on a GPU box install the
+# torch build for your CUDA first and `pip install -e .` (see README).
+TORCH_PIN ?= torch==2.13.0
+
+export MEGAMORA_DATA ?= $(abspath $(SHARED)/data)
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) launch/pretrain.py --config configs/smoke/full.yaml run_dir=$(RUN_DIR)
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

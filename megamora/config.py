@@ -1,0 +1,255 @@
+"""Typed run configuration: dataclasses, YAML files, dotted command-line overrides.
+
+A config is built in three layers, later ones winning: the dataclass defaults, a YAML file, and
+`section.key=value` overrides. A model preset (e.g. `model.preset: 250m`) fills the shape fields
+that neither the YAML nor the command line set. Unknown keys and badly typed values raise
+`ConfigError` with one line naming them, before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in the run configuration."""
+
+
+# Shapes of the ReLoRA / MoRA model ladder: (dim, ffn_dim, n_layers, n_heads).
+MODEL_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "9m": (128, 352, 4, 4),
+    "20m": (256, 688, 4, 4),
+    "35m": (384, 1024, 6, 8),
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "250m": (768, 2560, 24, 16),
+    "350m": (1024, 2736, 24, 16),
+    "1b": (2048, 5461, 24, 32),
+    "3b": (2560, 6848, 32, 32),
+    "7b": (4096, 11008, 32, 32),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # fills dim / ffn_dim / n_layers / n_heads not given explicitly
+    dim: int = 128
+    ffn_dim: int = 352
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: multi-head attention; fewer: grouped-query attention
+    vocab_size: int = 32100  # t5-base tokenizer with its 100 sentinel tokens
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "none"  # none | lora | mora
+    r: int = 128
+    alpha: float = 64.0  # LoRA only; MoRA has no scaling (method-facts)
+    dropout: float = 0.05
+    mora_type: str = "1"  # 1, 2, 3, 4, 6 or sharing | rotation | decouple | truncation
+    r_hat_rule: str = "round"  # round (released code) | floor (paper)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    # Parts of the model outside the adapters that keep training (Table 3 trains all three).
+    train_embeddings: bool = True
+    train_head: bool = True
+    train_norms: bool = True
+
+
+@dataclass
+class RestartConfig:
+    every: int = 0  # merge-and-reinit every N steps; 0 disables (plain LoRA / MoRA)
+    mora_types: list[str] = field(default_factory=lambda: ["1", "2", "3", "4"])  # cycled after each merge
+    optimizer_reset: str = "delete"  # delete | random_prune | magnitude_prune
+    prune_ratio: float = 0.999  # fraction of moments zeroed by the prune strategies
+    lr: str = "restart_warmup"  # restart_warmup | jagged_cosine
+    warmup: int = 50  # re-warmup steps after each restart
+    full_rank_warmup: int = 0  # train full-rank for N steps before switching to adapters
+
+
+@dataclass
+class DataConfig:
+    # Hub mode (local_dir unset): stream `dataset`/`dataset_config` with `datasets`.
+    dataset: str = "allenai/c4"
+    dataset_config: str = "en"
+    # Local mode: a folder of C4-format json.gz shards, read with the two globs below.
+    local_dir: Optional[str] = None
+    train_glob: str = "c4-train.*.json.gz"
+    validation_glob: str = "c4-validation.*.json.gz"
+    tokenizer: str = "t5-base"  # Hub name, or a path to spiece.model / tokenizer.json
+    seq_len: int = 512
+    shuffle_buffer: int = 1000  # documents; 0 keeps the stream order
+    encode_batch: int = 64  # documents tokenized per call
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "fsdp"  # fsdp (FSDP2 fully_shard) | deepspeed
+    device: str = "auto"  # auto | cpu | cuda
+    param_dtype: str = "float32"  # compute dtype of the sharded params: float32 | bfloat16
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
+    activation_checkpointing: bool = False
+    deepspeed_config: Optional[str] = None  # path to a DeepSpeed JSON, used when engine=deepspeed
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress_bar: bool = True
+    wandb_mode: str = "disabled"  # disabled | offline | online
+    wandb_project: str = "megamora"
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = MISSING
+    seed: int = 0
+    steps: int = 10000
+    global_batch_size: int = 1024  # sequences per optimizer step, across all ranks
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    eval_every: int = 1000  # 0: evaluate only at the end
+    eval_tokens: int = 10_000_000
+    final_eval_tokens: Optional[int] = None  # None: same as eval_tokens
+    save_every: int = 1000  # 0: save only at the end
+    keep_last: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    restarts: RestartConfig = field(default_factory=RestartConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_CHOICES = {
+    "adapter.kind": ("none", "lora", "mora"),
+    "adapter.r_hat_rule": ("round", "floor"),
+    "restarts.optimizer_reset": ("delete", "random_prune", "magnitude_prune"),
+    "restarts.lr": ("restart_warmup", "jagged_cosine"),
+    "parallel.engine": ("fsdp", "deepspeed"),
+    "parallel.device": ("auto", "cpu", "cuda"),
+    "parallel.param_dtype": ("float32", "bfloat16"),
+    "parallel.reduce_dtype": ("float32", "bfloat16"),
+    "logging.wandb_mode": ("disabled", "offline", "online"),
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Build a validated TrainConfig from an optional YAML file and `a.b=value` overrides."""
+    try:
+        schema = OmegaConf.structured(TrainConfig)
+        layers = []
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        user = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+        merged = OmegaConf.merge(schema, _preset_layer(user), user)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_one_line(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def _preset_layer(user) -> dict:
+    preset = OmegaConf.select(user, "model.preset")
+    if preset is None:
+        return {}
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset={preset!r} is not one of {sorted(MODEL_PRESETS)}")
+    dim, ffn_dim, n_layers, n_heads = MODEL_PRESETS[preset]
+    return {"model": dict(dim=dim, ffn_dim=ffn_dim, n_layers=n_layers, n_heads=n_heads)}
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    key = getattr(e, "full_key", None)
+    head = msg[0] if msg else type(e).__name__
+    return f"{key}: {head}" if key and key not in head else head
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks that the type system cannot express."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        _check(value in choices, f"{dotted}={value!r} is not one of {list(choices)}")
+    m = cfg.model
+    for name in ("dim", "ffn_dim", "n_layers", "n_heads", "vocab_size"):
+        _check(getattr(m, name) > 0, f"model.{name}={getattr(m, name)} must be positive")
+    _check(m.dim % m.n_heads == 0, f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    _check((m.dim // m.n_heads) % 2 == 0, f"model head dim {m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.n_kv_heads is not None:
+        _check(
+            0 < m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0,
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}",
+        )
+    for name in ("steps", "global_batch_size", "micro_batch_size", "eval_tokens", "keep_last"):
+        _check(getattr(cfg, name) > 0, f"{name}={getattr(cfg, name)} must be positive")
+    for name in ("eval_every", "save_every"):
+        _check(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)} must be >= 0")
+    _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
+    _check(cfg.data.seq_len > 0, f"data.seq_len={cfg.data.seq_len} must be positive")
+    _check(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0")
+    o = cfg.optim
+    _check(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two values in [0, 1)")
+    _check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
+    a = cfg.adapter
+    if a.kind != "none":
+        _check(a.r > 0, f"adapter.r={a.r} must be positive")
+        _check(0 <= a.dropout < 1, f"adapter.dropout={a.dropout} must be in [0, 1)")
+        known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        bad = [t for t in a.target_modules if t not in known]
+        _check(not bad and a.target_modules, f"adapter.target_modules has unknown names {bad}; known: {sorted(known)}")
+    r = cfg.restarts
+    _check(r.every >= 0, f"restarts.every={r.every} must be >= 0")
+    if r.every:
+        _check(a.kind != "none", "restarts.every needs adapter.kind lora or mora")
+        _check(r.warmup >= 0, f"restarts.warmup={r.warmup} must be >= 0")
+        _check(0 <= r.prune_ratio <= 1, f"restarts.prune_ratio={r.prune_ratio} must be in [0, 1]")
+        _check(len(r.mora_types) > 0, "restarts.mora_types must not be empty")
+    _check(r.full_rank_warmup >= 0, f"restarts.full_rank_warmup={r.full_rank_warmup} must be >= 0")
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,114 @@
+"""Training metrics: throughput / MFU arithmetic and the sinks (JSONL file, console, wandb).
+
+Only rank 0 writes. The JSONL file in the run directory is always written; wandb is optional and
+never online unless asked for (`logging.wandb_mode`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("megamora")
+
+# Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' datasheets.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "V100": 125e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak bf16 FLOP/s of a known GPU, or None (CPU, unknown GPU): then only achieved FLOP/s is reported."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # CPU: the process's peak resident set size
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except ImportError:  # pragma: no cover - non-Unix
+        return None
+
+
+class Throughput:
+    """Tokens/s, FLOP/s and MFU over the steps since the last call to `measure`."""
+
+    def __init__(self, flops_per_token: float, world_size: int, device: torch.device):
+        self.flops_per_token = flops_per_token
+        self.world_size = world_size
+        self.peak = peak_flops(device)
+        self.start = time.perf_counter()
+        self.tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def measure(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        tps = self.tokens / max(elapsed, 1e-9)  # global tokens/s
+        flops = tps * self.flops_per_token / self.world_size  # achieved FLOP/s per device
+        out = {"tokens_per_s": tps, "flops_per_s_per_device": flops}
+        if self.peak:
+            out["mfu"] = flops / self.peak
+        self.start, self.tokens = time.perf_counter(), 0
+        return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool, wandb_mode: str, wandb_project: str, config: dict[str, Any]):
+        self.enabled = enabled
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.wandb = None
+        if enabled and wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config)
+
+    def log(self, step: int, values: dict[str, Any], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        log.info("%s step %d | %s", kind, step, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r["kind"] == kind]

@@ -1,0 +1,108 @@
+"""Build a training run from a TrainConfig (model -> adapters -> shard -> init, optimizer, data,
+resume) and hand it to the Trainer. Inputs are checked before the run directory is touched."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from megamora import adapters
+from megamora.checkpoint import latest_checkpoint, load_checkpoint
+from megamora.config import TrainConfig, to_dict, to_yaml
+from megamora.data import build_train_loader, check_data_source, validation_batches
+from megamora.distributed import DistInfo, init_distributed, set_activation_checkpointing, shard_model
+from megamora.metrics import MetricsLogger
+from megamora.model import build_model, count_parameters, flops_per_token, materialize
+from megamora.optim import build_optimizer
+from megamora.tokenizer import load_tokenizer
+from megamora.train import Trainer, grad_accum_steps
+
+log = logging.getLogger("megamora")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    losses: list[float]  # per step, of the steps this process ran
+    final_eval: dict[str, float]
+    resumed_from: Path | None
+
+
+def check_inputs(cfg: TrainConfig, dist: DistInfo):
+    """Everything that can be wrong with the inputs, checked before any compute or file write."""
+    grad_accum_steps(cfg, dist.world_size)
+    check_data_source(cfg.data)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({tokenizer.vocab_size})")
+    return tokenizer
+
+
+def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) -> tuple[Trainer, Path | None]:
+    tokenizer = check_inputs(cfg, dist)
+    run_dir = Path(cfg.run_dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    model = build_model(cfg.model, device="meta")
+    summary = adapters.apply_adapters(model, cfg.adapter)
+    set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if dist.sharded:
+        shard_model(model, cfg.parallel)
+    materialize(model, dist.device, cfg.seed, cfg.model.init_std)
+    optimizer = build_optimizer(model, cfg.optim)
+
+    accum = grad_accum_steps(cfg, dist.world_size)
+    stream_ids = [a * dist.world_size + dist.rank for a in range(accum)]
+    loader = build_train_loader(cfg.data, tokenizer, stream_ids=stream_ids, num_streams=accum * dist.world_size,
+                                micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+    eval_tokens = max(cfg.eval_tokens, cfg.final_eval_tokens or 0)
+    validation = validation_batches(cfg.data, tokenizer, eval_tokens)
+
+    restarts = None
+    if cfg.restarts.every:
+        from megamora.restarts import Restarts
+
+        restarts = Restarts(cfg.restarts, cfg.adapter, cfg.seed)
+    metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.wandb_mode, cfg.logging.wandb_project, to_dict(cfg))
+    trainer = Trainer(cfg, model, optimizer, loader, validation, dist, metrics,
+                      flops_per_token(cfg.model, cfg.data.seq_len), run_dir, restarts)
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state, data_state = load_checkpoint(ckpt, model, optimizer, stream_ids)
+        if state["num_streams"] != accum * dist.world_size:
+            raise ValueError(f"{ckpt} was saved with {state['num_streams']} data streams; this run has "
+                             f"{accum * dist.world_size} (keep global_batch_size / micro_batch_size unchanged)")
+        loader.load_state_dict(data_state)
+        trainer.step = state["step"]
+        trainer.restart_history = state.get("restart_history", [])
+        if restarts is not None:
+            restarts.load_state_dict(state["restarts"])
+    metrics.log(trainer.step, {
+        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device),
+        "total_params": count_parameters(model), "trainable_params": count_parameters(model, trainable_only=True),
+        **summary, "resumed_from": str(ckpt) if ckpt else None,
+    }, kind="setup")
+    return trainer, ckpt
+
+
+def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
+    """Train (or resume) the run described by `cfg` to `cfg.steps`. Works with or without torchrun."""
+    dist = init_distributed(cfg.parallel)
+    trainer, ckpt = build_trainer(cfg, dist)
+    progress = None
+    if progress_bar and dist.is_main:
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+    try:
+        final_eval = trainer.fit(progress)
+    finally:
+        if progress is not None:
+            progress.close()
+        trainer.metrics.close()
+    return RunResult(Path(cfg.run_dir), trainer.losses, final_eval, ckpt)
