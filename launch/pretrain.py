@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         from megamora.run import pretrain  # heavy imports after the config is known to be good
 
         result = pretrain(cfg, progress_bar=cfg.logging.progress_bar)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -85,10 +85,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer, stream_ids: list[int]) -> tuple[dict, dict]:
-    """Load model and optimizer in place; return (trainer_state, data state of `stream_ids`)."""
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer, stream_ids: list[int]) -> dict[str, dict]:
+    """Load model and optimizer in place; return the data state of `stream_ids`."""
     path = Path(path)
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path), no_dist=not _process_group_active())
@@ -100,7 +103,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer, st
             raise ValueError(f"checkpoint {path} has no data state for stream {sid}: it was saved with a different "
                              "global_batch_size / micro_batch_size split")
         data_state[str(sid)] = json.loads(f.read_text())
-    return trainer_state, data_state
+    return data_state
 
 
 def _write_json(path: Path, obj: Any) -> None:

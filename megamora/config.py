@@ -92,6 +92,8 @@ class DataConfig:
     seq_len: int = 512
     shuffle_buffer: int = 1000  # documents; 0 keeps the stream order
     encode_batch: int = 64  # documents tokenized per call
+    # Hub mode with a file-based builder (dataset=json, or hf:// URLs): split name -> file glob.
+    data_files: Optional[dict[str, str]] = None
 
 
 @dataclass
@@ -244,6 +246,8 @@ def validate(cfg: TrainConfig) -> None:
         _check(r.warmup >= 0, f"restarts.warmup={r.warmup} must be >= 0")
         _check(0 <= r.prune_ratio <= 1, f"restarts.prune_ratio={r.prune_ratio} must be in [0, 1]")
         _check(len(r.mora_types) > 0, "restarts.mora_types must not be empty")
+        _check(a.kind != "mora" or a.mora_type == r.mora_types[0],
+               f"adapter.mora_type={a.mora_type!r} must be the first type of restarts.mora_types={list(r.mora_types)}")
     _check(r.full_rank_warmup >= 0, f"restarts.full_rank_warmup={r.full_rank_warmup} must be >= 0")
 
 

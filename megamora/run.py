@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megamora import adapters
-from megamora.checkpoint import latest_checkpoint, load_checkpoint
-from megamora.config import TrainConfig, to_dict, to_yaml
+from megamora.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
+from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
 from megamora.data import build_train_loader, check_data_source, validation_batches
 from megamora.distributed import DistInfo, init_distributed, set_activation_checkpointing, shard_model
 from megamora.metrics import MetricsLogger
@@ -30,13 +30,17 @@ class RunResult:
 
 
 def check_inputs(cfg: TrainConfig, dist: DistInfo):
-    """Everything that can be wrong with the inputs, checked before any compute or file write."""
-    grad_accum_steps(cfg, dist.world_size)
-    check_data_source(cfg.data)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    """Everything that can be wrong with the inputs, checked before any compute or file write;
+    raised as one-line ConfigErrors."""
+    try:
+        grad_accum_steps(cfg, dist.world_size)
+        check_data_source(cfg.data)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"vocabulary ({tokenizer.vocab_size})")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tokenizer.vocab_size})")
     return tokenizer
 
 
@@ -66,22 +70,21 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     if cfg.restarts.every:
         from megamora.restarts import Restarts
 
-        restarts = Restarts(cfg.restarts, cfg.adapter, cfg.seed)
+        restarts = Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps)
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.wandb_mode, cfg.logging.wandb_project, to_dict(cfg))
     trainer = Trainer(cfg, model, optimizer, loader, validation, dist, metrics,
                       flops_per_token(cfg.model, cfg.data.seq_len), run_dir, restarts)
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
-        state, data_state = load_checkpoint(ckpt, model, optimizer, stream_ids)
+        state = read_trainer_state(ckpt)
         if state["num_streams"] != accum * dist.world_size:
-            raise ValueError(f"{ckpt} was saved with {state['num_streams']} data streams; this run has "
-                             f"{accum * dist.world_size} (keep global_batch_size / micro_batch_size unchanged)")
-        loader.load_state_dict(data_state)
+            raise ConfigError(f"{ckpt} was saved with {state['num_streams']} data streams; this run has "
+                              f"{accum * dist.world_size} (keep global_batch_size / micro_batch_size unchanged)")
+        if restarts is not None:  # layers must be on the operator type they were saved with
+            restarts.load_state_dict(state["restarts"], model)
+        loader.load_state_dict(load_checkpoint(ckpt, model, optimizer, stream_ids))
         trainer.step = state["step"]
-        trainer.restart_history = state.get("restart_history", [])
-        if restarts is not None:
-            restarts.load_state_dict(state["restarts"])
     metrics.log(trainer.step, {
         "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device),
         "total_params": count_parameters(model), "trainable_params": count_parameters(model, trainable_only=True),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,7 +71,6 @@ class Trainer:
     run_dir: Path
     restarts: RestartHook | None = None
     step: int = 0
-    restart_history: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         self.accum = grad_accum_steps(self.cfg, self.dist.world_size)
@@ -123,7 +122,7 @@ class Trainer:
         return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
 
     def save(self) -> Path:
-        state = {"restart_history": self.restart_history, "num_streams": self.accum * self.dist.world_size}
+        state = {"num_streams": self.accum * self.dist.world_size}
         if self.restarts is not None:
             state["restarts"] = self.restarts.state_dict()
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
@@ -151,7 +150,6 @@ class Trainer:
                                              **self.loader.stats()})
             if self.restarts is not None and self.restarts.due(self.step):
                 event = self.restarts.apply(self.step, self.model, self.optimizer)
-                self.restart_history.append({"step": self.step, **event})
                 self.metrics.log(self.step, event, kind="restart")
             final = self.step == cfg.steps
             if final or (cfg.eval_every and self.step % cfg.eval_every == 0):
