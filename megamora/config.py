@@ -109,12 +109,10 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "fsdp"  # fsdp (FSDP2 fully_shard) | deepspeed
     device: str = "auto"  # auto | cpu | cuda
     param_dtype: str = "float32"  # compute dtype of the sharded params: float32 | bfloat16
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
     activation_checkpointing: bool = False
-    deepspeed_config: Optional[str] = None  # path to a DeepSpeed JSON, used when engine=deepspeed
 
 
 @dataclass
@@ -151,7 +149,6 @@ _CHOICES = {
     "adapter.r_hat_rule": ("round", "floor"),
     "restarts.optimizer_reset": ("delete", "random_prune", "magnitude_prune"),
     "restarts.lr": ("restart_warmup", "jagged_cosine"),
-    "parallel.engine": ("fsdp", "deepspeed"),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.param_dtype": ("float32", "bfloat16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),

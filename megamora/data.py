@@ -1,0 +1,552 @@
+"""Token streams for training and validation, from C4-format JSON lines (local files or the Hub).
+
+One training stream is a pipeline of small resumable stages:
+
+    shard of the corpus ─► malformed records skipped and counted ─► seeded shuffle buffer
+        ─► tokenize `encode_batch` documents per call, EOS after each document
+        ─► windows of seq_len + 1 tokens with stride seq_len
+
+Window k is tokens[k*seq_len : k*seq_len + seq_len + 1]: the last target of a sequence is the
+first input of the next, so every token is an input once and a target once, in order, with no
+padding. Windows do not depend on how many are taken per call, nor on `encode_batch`.
+
+Streams. The corpus is cut into `num_streams` disjoint shards that together cover it. The trainer
+uses num_streams = world_size * grad_accum_steps and reads stream a * world_size + rank at
+micro-step a, so the global batch does not depend on the world size.
+- Local mode (`local_dir` set): the files matched by the glob, sorted by name. When their number is
+  a multiple of num_streams, stream s reads files s, s + N, s + 2N, ... (each stream decompresses
+  only its own files: what the 1024 C4 shards need at scale); otherwise every stream reads every
+  file and keeps line j of file i when (i + j) % N == s. Lines are counted raw (malformed ones
+  included), so a malformed line belongs to exactly one stream and is counted once.
+- Hub mode: `datasets.distributed.split_dataset_by_node` (by shard when n_shards % N == 0, else
+  one example in N).
+
+Epochs. When a shard is exhausted (and the shuffle buffer drained) the stream starts again,
+reshuffled: the buffer's generator and, in local mode, the order of the stream's files are seeded
+from (seed, stream_id, epoch). shuffle_buffer = 0 keeps the stored order in every epoch.
+
+Resume. `TrainLoader.state_dict()` holds, per stream, the reader position, the shuffle buffer's
+documents and generator state, the tokens not yet emitted and the counters, all JSON-serialisable;
+a loader restored from it yields exactly the batches the uninterrupted loader would have.
+
+Malformed input (local mode) is skipped and counted by reason, see SKIP_REASONS.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import itertools
+import json
+import zlib
+from glob import glob
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megamora.config import DataConfig
+
+STATE_VERSION = 1
+
+# Why a record was skipped (counted in stats() as "skipped_<reason>"):
+#   bad_utf8    the line is not valid UTF-8 (or its text holds lone surrogates)
+#   bad_json    the line is not JSON (blank lines included)
+#   no_text     not a JSON object, or `text` missing or not a string
+#   empty_text  `text` is empty or only whitespace
+#   bad_file    a file could not be opened or decompressed: the rest of that file is skipped (counted
+#               by each stream that reads the file: with the split by document, all of them)
+SKIP_REASONS = ("bad_utf8", "bad_json", "no_text", "empty_text", "bad_file")
+
+Record = tuple[Optional[str], Optional[str]]  # (text, None) or (None, skip reason)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def record_text(record: object) -> Record:
+    """The usable `text` of one parsed record; any other fields (url, timestamp, date) are ignored."""
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        return None, "no_text"
+    if not text.strip():
+        return None, "empty_text"
+    try:
+        text.encode("utf-8")  # json.loads lets "\ud800" escapes through; tokenizers reject them
+    except UnicodeEncodeError:
+        return None, "bad_utf8"
+    return text, None
+
+
+def parse_line(raw: bytes) -> Record:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None, "bad_json"
+    return record_text(record)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+class LocalShard:
+    """One stream's share of sorted local JSON-lines files (gzip or plain), with a resumable position."""
+
+    def __init__(self, files: list[Path], stream_id: int, num_streams: int):
+        self.files = files
+        self.stream_id = stream_id
+        self.num_streams = num_streams
+        self.by_file = len(files) % num_streams == 0
+        self.own = [i for i in range(len(files)) if not self.by_file or i % num_streams == stream_id]
+        self.order = list(self.own)
+        self.pos = 0  # index into self.order
+        self.line = 0  # raw lines consumed from the current file
+        self._fh = None
+
+    def start_epoch(self, rng: np.random.Generator | None) -> None:
+        self.close()
+        self.pos, self.line = 0, 0
+        perm = rng.permutation(len(self.own)) if rng is not None else range(len(self.own))
+        self.order = [self.own[k] for k in perm]
+
+    def next_record(self) -> Record | None:
+        """The next record of the shard, or None once it is exhausted."""
+        while self.pos < len(self.order):
+            i = self.order[self.pos]
+            try:
+                if self._fh is None:
+                    self._fh = _open_binary(self.files[i])
+                    for _ in itertools.islice(self._fh, self.line):  # resume: skip what was read
+                        pass
+                raw = self._fh.readline()
+            except (OSError, EOFError, zlib.error):
+                self._next_file()
+                return None, "bad_file"
+            if not raw:
+                self._next_file()
+                continue
+            j = self.line
+            self.line += 1
+            if self.by_file or (i + j) % self.num_streams == self.stream_id:
+                return parse_line(raw)
+        return None
+
+    def _next_file(self) -> None:
+        self.close()
+        self.pos += 1
+        self.line = 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def state(self) -> dict:
+        return {"pos": self.pos, "line": self.line}
+
+    def load_state(self, state: dict) -> None:
+        self.close()
+        self.pos, self.line = int(state["pos"]), int(state["line"])
+
+
+class HubShard:
+    """One stream's share of a streamed `datasets.IterableDataset`, resumed by its own state_dict()."""
+
+    def __init__(self, dataset, stream_id: int, num_streams: int):
+        self._base = dataset
+        self.stream_id = stream_id
+        self.num_streams = num_streams
+        self._ds = None
+        self._it = None
+        self._resume: dict | None = None  # state to start from; None: the beginning
+        self._pulled = False
+
+    def start_epoch(self, rng: np.random.Generator | None) -> None:
+        # The dataset keeps its own shard order; a fresh split restarts it from the beginning.
+        self._ds, self._it, self._resume, self._pulled = None, None, None, False
+
+    def next_record(self) -> Record | None:
+        if self._it is None:
+            self._ds = self._split()
+            if self._resume is not None:
+                self._ds.load_state_dict(self._resume)
+            self._it = iter(self._ds)
+        try:
+            record = next(self._it)
+        except StopIteration:
+            return None
+        self._pulled = True
+        return record_text(record)
+
+    def _split(self):
+        # Always a fresh copy, even for one stream: load_state_dict() sticks to the object it is
+        # called on, and the next epoch must start from the beginning.
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(self._base, rank=self.stream_id, world_size=self.num_streams)
+
+    def close(self) -> None:
+        self._it = None
+
+    def state(self) -> dict:
+        if self._ds is None or not self._pulled:
+            return {"dataset": self._resume}
+        return {"dataset": self._ds.state_dict()}
+
+    def load_state(self, state: dict) -> None:
+        self._ds, self._it, self._pulled = None, None, False
+        self._resume = state["dataset"]
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _generator(*key: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(list(key))))
+
+
+class DocumentStream:
+    """Valid documents of one shard (malformed ones counted), through a seeded shuffle buffer, endlessly."""
+
+    def __init__(self, shard: LocalShard | HubShard, *, stream_id: int, seed: int, buffer_size: int):
+        self.shard = shard
+        self.stream_id = stream_id
+        self.seed = seed
+        self.buffer_size = buffer_size
+        self.counters = {"docs_read": 0, **{f"skipped_{r}": 0 for r in SKIP_REASONS}}
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # completed passes over the shard
+        self._epoch_docs = 0
+        self._exhausted = False
+        self._buffer: list[str] = []
+        self._rng = _generator(self.seed, self.stream_id, epoch, 0)
+        self.shard.start_epoch(_generator(self.seed, self.stream_id, epoch, 1) if self.buffer_size else None)
+
+    def _read(self) -> str | None:
+        while (item := self.shard.next_record()) is not None:
+            text, reason = item
+            if reason is None:
+                self.counters["docs_read"] += 1
+                self._epoch_docs += 1
+                return text
+            self.counters[f"skipped_{reason}"] += 1
+        return None
+
+    def next_document(self) -> str:
+        while True:
+            while not self._exhausted and len(self._buffer) < max(self.buffer_size, 1):
+                text = self._read()
+                if text is None:
+                    self._exhausted = True
+                else:
+                    self._buffer.append(text)
+            if self._buffer:
+                if self.buffer_size > 1:  # pop a uniformly drawn document (swap it to the end first)
+                    i = int(self._rng.integers(len(self._buffer)))
+                    self._buffer[i], self._buffer[-1] = self._buffer[-1], self._buffer[i]
+                return self._buffer.pop()
+            if self._epoch_docs == 0:
+                raise ValueError(
+                    f"data stream {self.stream_id} has no usable document (all skipped: {self.counters}); "
+                    "too little data for this many streams?"
+                )
+            self._start_epoch(self.epoch + 1)
+
+    def state(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "epoch_docs": self._epoch_docs,
+            "exhausted": self._exhausted,
+            "shard": self.shard.state(),
+            "buffer": list(self._buffer),
+            "rng": self._rng.bit_generator.state,
+            "counters": dict(self.counters),
+        }
+
+    def load_state(self, state: dict) -> None:
+        self._start_epoch(int(state["epoch"]))  # the epoch's file order, then the position in it
+        self.shard.load_state(state["shard"])
+        self._epoch_docs = int(state["epoch_docs"])
+        self._exhausted = bool(state["exhausted"])
+        self._buffer = list(state["buffer"])
+        self._rng.bit_generator.state = state["rng"]
+        self.counters.update({k: int(v) for k, v in state["counters"].items()})
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+def encode_with_eos(tokenizer, texts: list[str]) -> np.ndarray:
+    """The ids of the documents, one EOS after each, as one flat int32 array."""
+    flat: list[int] = []
+    eos = tokenizer.eos_id
+    for ids in tokenizer.encode_batch(texts):
+        flat.extend(ids)
+        flat.append(eos)
+    return np.asarray(flat, dtype=np.int32)
+
+
+def pack_windows(tokens: np.ndarray, n: int, seq_len: int) -> np.ndarray:
+    """Windows k = tokens[k*seq_len : k*seq_len + seq_len + 1] for k < n (needs n*seq_len + 1 tokens)."""
+    need = n * seq_len + 1
+    if len(tokens) < need:
+        raise ValueError(f"{n} windows of seq_len {seq_len} need {need} tokens, got {len(tokens)}")
+    return np.lib.stride_tricks.sliding_window_view(tokens[:need], seq_len + 1)[::seq_len].copy()
+
+
+def _encode_state(tokens: np.ndarray) -> str:
+    return base64.b64encode(tokens.astype("<i4").tobytes()).decode("ascii")
+
+
+def _decode_state(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<i4").astype(np.int32)
+
+
+class TokenPacker:
+    """Documents -> ids + EOS -> windows of seq_len + 1 tokens with stride seq_len."""
+
+    def __init__(self, docs: DocumentStream, tokenizer, *, seq_len: int, encode_batch: int):
+        self.docs = docs
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.encode_batch = encode_batch
+        self._tokens = np.empty(0, dtype=np.int32)  # not yet emitted as an input (starts with the carry-over)
+        self.counters = {"tokens": 0, "batches": 0}
+
+    def next_windows(self, n: int) -> np.ndarray:
+        need = n * self.seq_len + 1
+        if len(self._tokens) < need:
+            parts, have = [self._tokens], len(self._tokens)
+            while have < need:
+                texts = [self.docs.next_document() for _ in range(self.encode_batch)]
+                parts.append(encode_with_eos(self.tokenizer, texts))
+                have += len(parts[-1])
+            self._tokens = np.concatenate(parts)
+        out = pack_windows(self._tokens, n, self.seq_len)
+        self._tokens = self._tokens[n * self.seq_len :].copy()
+        self.counters["tokens"] += n * self.seq_len
+        self.counters["batches"] += 1
+        return out
+
+    def state(self) -> dict:
+        return {"tokens": _encode_state(self._tokens), "counters": dict(self.counters), "docs": self.docs.state()}
+
+    def load_state(self, state: dict) -> None:
+        self._tokens = _decode_state(state["tokens"])
+        self.counters.update({k: int(v) for k, v in state["counters"].items()})
+        self.docs.load_state(state["docs"])
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _local_files(cfg: DataConfig, pattern: str, key: str) -> list[Path]:
+    root = Path(cfg.local_dir).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"data.local_dir={cfg.local_dir!r} is not a directory")
+    try:
+        files = [p for p in root.glob(pattern) if p.is_file()]
+    except (ValueError, NotImplementedError) as e:
+        raise ValueError(f"data.{key}={pattern!r} is not a usable glob: {e}") from None
+    if not files:
+        raise ValueError(f"data.{key}={pattern!r} matches no file in data.local_dir={cfg.local_dir!r}")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _files_fingerprint(files: list[Path]) -> str:
+    # Names, not paths: the data may move to another folder between runs.
+    names = "\n".join(p.name for p in files)
+    return f"{len(files)} files, sha1 {hashlib.sha1(names.encode()).hexdigest()[:16]}"
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _load_hub_split(cfg: DataConfig, split: str):
+    import datasets
+
+    kwargs = {"data_files": dict(cfg.data_files)} if cfg.data_files else {}
+    try:
+        return datasets.load_dataset(cfg.dataset, cfg.dataset_config or None, split=split, streaming=True, **kwargs)
+    except Exception as e:  # network, missing split, unknown dataset: one line at start-up
+        raise ValueError(
+            f"cannot stream split {split!r} of data.dataset={cfg.dataset!r} ({cfg.dataset_config!r}): "
+            f"{_one_line(e)}; offline, set data.local_dir to a folder of json.gz shards"
+        ) from None
+
+
+def check_data_source(cfg: DataConfig) -> None:
+    """Raise a one-line ValueError if the configured local files do not exist (call before compute)."""
+    if cfg.local_dir:
+        _local_files(cfg, cfg.train_glob, "train_glob")
+        _local_files(cfg, cfg.validation_glob, "validation_glob")
+    elif cfg.data_files:
+        for split, pattern in cfg.data_files.items():
+            if "://" not in pattern and not glob(str(Path(pattern).expanduser()), recursive=True):
+                raise ValueError(f"data.data_files.{split}={pattern!r} matches no file")
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class TrainLoader:
+    """The training streams this process reads; see the module docstring."""
+
+    def __init__(self, packers: dict[int, TokenPacker], *, micro_batch_size: int, header: dict):
+        self._packers = packers
+        self.micro_batch_size = micro_batch_size
+        self._header = header  # what must match for a saved state to resume exactly
+
+    @property
+    def stream_ids(self) -> list[int]:
+        return sorted(self._packers)
+
+    def _packer(self, stream_id: int) -> TokenPacker:
+        if stream_id not in self._packers:
+            raise ValueError(f"stream {stream_id} is not one of this loader's streams {self.stream_ids}")
+        return self._packers[stream_id]
+
+    def next_batch(self, stream_id: int) -> torch.Tensor:
+        """(micro_batch_size, seq_len + 1) int64 token ids; inputs [:, :-1], targets [:, 1:]."""
+        windows = self._packer(stream_id).next_windows(self.micro_batch_size)
+        return torch.from_numpy(windows.astype(np.int64))
+
+    def state_dict(self) -> dict[str, dict]:
+        return {str(s): {**self._header, "stream_id": s, **p.state()} for s, p in self._packers.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Restore this loader's streams; entries for other streams (other ranks') are ignored."""
+        for s, packer in self._packers.items():
+            if str(s) not in state:
+                raise ValueError(f"data state has no entry for stream {s} (has {sorted(state, key=str)})")
+            entry = state[str(s)]
+            for key, want in self._header.items():
+                if entry.get(key) != want:
+                    raise ValueError(f"data state of stream {s} has {key}={entry.get(key)!r}, this run {want!r}")
+            packer.load_state(entry)
+
+    def stats(self) -> dict[str, int]:
+        """Sums over this loader's streams, except `epochs`: the most passes completed over any shard."""
+        out: dict[str, int] = {}
+        for p in self._packers.values():
+            for k, v in itertools.chain(p.docs.counters.items(), p.counters.items()):
+                out[k] = out.get(k, 0) + v
+        out["docs_skipped"] = sum(out.get(f"skipped_{r}", 0) for r in SKIP_REASONS)
+        out["epochs"] = max((p.docs.epoch for p in self._packers.values()), default=0)
+        return out
+
+    def close(self) -> None:
+        for p in self._packers.values():
+            p.docs.shard.close()
+
+
+def build_train_loader(
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    stream_ids: list[int],
+    num_streams: int,
+    micro_batch_size: int,
+    seed: int,
+) -> TrainLoader:
+    """The loader of `stream_ids` among `num_streams` disjoint training streams (nothing is read yet)."""
+    if num_streams < 1:
+        raise ValueError(f"num_streams={num_streams} must be positive")
+    bad = [s for s in stream_ids if not 0 <= s < num_streams]
+    if bad or len(set(stream_ids)) != len(stream_ids):
+        raise ValueError(f"stream_ids={list(stream_ids)} must be distinct values in [0, {num_streams})")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must be positive")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    for key in ("seq_len", "encode_batch"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"data.{key}={getattr(cfg, key)} must be positive")
+    if cfg.shuffle_buffer < 0:
+        raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} must be >= 0")
+
+    if cfg.local_dir:
+        files = _local_files(cfg, cfg.train_glob, "train_glob")
+        shards = {s: LocalShard(files, s, num_streams) for s in stream_ids}
+        source = f"local: {_files_fingerprint(files)}"
+    else:
+        base = _load_hub_split(cfg, "train")
+        shards = {s: HubShard(base, s, num_streams) for s in stream_ids}
+        source = f"hub: {cfg.dataset} {cfg.dataset_config}"
+    header = {
+        "version": STATE_VERSION,
+        "source": source,
+        "num_streams": num_streams,
+        "seed": seed,
+        "seq_len": cfg.seq_len,
+        "shuffle_buffer": cfg.shuffle_buffer,
+    }
+    packers = {
+        s: TokenPacker(
+            DocumentStream(shard, stream_id=s, seed=seed, buffer_size=cfg.shuffle_buffer),
+            tokenizer,
+            seq_len=cfg.seq_len,
+            encode_batch=cfg.encode_batch,
+        )
+        for s, shard in shards.items()
+    }
+    return TrainLoader(packers, micro_batch_size=micro_batch_size, header=header)
+
+
+def validation_batches(
+    cfg: DataConfig, tokenizer, num_tokens: int, *, stats: dict[str, int] | None = None
+) -> torch.Tensor:
+    """The first num_tokens target tokens of the validation split, in order, packed like training.
+
+    Returns (n_seq, seq_len + 1) int64 with n_seq = max(1, num_tokens // seq_len). Raises a ValueError
+    if the split is shorter than that, rather than silently evaluating on fewer tokens. Documents
+    read and skipped (by reason) are added to `stats` when given.
+    """
+    if num_tokens < 1:
+        raise ValueError(f"validation num_tokens={num_tokens} must be positive")
+    if cfg.seq_len < 1 or cfg.encode_batch < 1:
+        raise ValueError(f"data.seq_len={cfg.seq_len} and data.encode_batch={cfg.encode_batch} must be positive")
+    if cfg.local_dir:
+        shard = LocalShard(_local_files(cfg, cfg.validation_glob, "validation_glob"), 0, 1)
+    else:
+        shard = HubShard(_load_hub_split(cfg, "validation"), 0, 1)
+    n_seq = max(1, num_tokens // cfg.seq_len)
+    need = n_seq * cfg.seq_len + 1
+    parts, have, done = [], 0, False
+    counts = stats if stats is not None else {}
+    while have < need and not done:
+        texts: list[str] = []
+        while len(texts) < cfg.encode_batch:
+            item = shard.next_record()
+            if item is None:
+                done = True
+                break
+            text, reason = item
+            key = "docs_read" if reason is None else f"skipped_{reason}"
+            counts[key] = counts.get(key, 0) + 1
+            if text is not None:
+                texts.append(text)
+        if texts:
+            parts.append(encode_with_eos(tokenizer, texts))
+            have += len(parts[-1])
+    shard.close()
+    if have < need:
+        raise ValueError(
+            f"the validation split holds {have} tokens, fewer than the {need} that {n_seq} sequences "
+            f"of data.seq_len={cfg.seq_len} need (eval tokens {num_tokens}); lower the eval tokens"
+        )
+    return torch.from_numpy(pack_windows(np.concatenate(parts), n_seq, cfg.seq_len).astype(np.int64))
