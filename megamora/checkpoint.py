@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,13 @@ def _process_group_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save / dcp.load, also in one process without a process group (no warning about it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, checkpoint_id=str(path), no_dist=not _process_group_active())
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -69,7 +77,7 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed earlier
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _process_group_active())
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
     (tmp / "data").mkdir(exist_ok=True)
     for stream_id, state in data_state.items():
         _write_json(tmp / "data" / f"stream_{stream_id}.json", state)
@@ -94,7 +102,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer, st
     path = Path(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not _process_group_active())
+    _dcp(dcp.load, state, path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     data_state = {}
     for sid in stream_ids:

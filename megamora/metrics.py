@@ -93,7 +93,8 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
-        log.info("%s step %d | %s", kind, step, " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if not isinstance(v, (dict, list)))
+        log.info("%s step %d | %s", kind, step, shown)
 
     def close(self) -> None:
         if self.file:

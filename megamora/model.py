@@ -205,3 +205,11 @@ def kaiming_uniform_init(t: torch.Tensor, g: torch.Generator) -> None:
 
 def zeros_init(t: torch.Tensor, g: torch.Generator) -> None:
     t.zero_()
+
+
+def initial_state_dict(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The exact initial weights of a run with this model config and seed (plain-model names):
+    W_init for dW = W_final - W_init, without having stored it."""
+    model = build_model(cfg, device="cpu")
+    init_weights(model, seed, cfg.init_std)
+    return model.state_dict()

@@ -7,6 +7,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from megamora import adapters
 from megamora.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
@@ -97,15 +100,11 @@ def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
     """Train (or resume) the run described by `cfg` to `cfg.steps`. Works with or without torchrun."""
     dist = init_distributed(cfg.parallel)
     trainer, ckpt = build_trainer(cfg, dist)
-    progress = None
-    if progress_bar and dist.is_main:
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.steps, initial=trainer.step, desc="train", dynamic_ncols=True)
+    show = progress_bar and dist.is_main
     try:
-        final_eval = trainer.fit(progress)
+        with logging_redirect_tqdm(), tqdm(total=cfg.steps, initial=trainer.step, desc="train",
+                                           dynamic_ncols=True, disable=not show) as progress:
+            final_eval = trainer.fit(progress)
     finally:
-        if progress is not None:
-            progress.close()
         trainer.metrics.close()
     return RunResult(Path(cfg.run_dir), trainer.losses, final_eval, ckpt)

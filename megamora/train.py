@@ -147,7 +147,7 @@ class Trainer:
                 self.metrics.log(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                              "step_time_s": time.perf_counter() - t0, **meter.measure(),
                                              "peak_memory_gib": peak_memory_gib(self.dist.device),
-                                             **self.loader.stats()})
+                                             "data": self.loader.stats()})
             if self.restarts is not None and self.restarts.due(self.step):
                 event = self.restarts.apply(self.step, self.model, self.optimizer)
                 self.metrics.log(self.step, event, kind="restart")

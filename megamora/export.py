@@ -1,0 +1,51 @@
+"""A run directory -> the trained model as a plain Llama (adapters merged), and its initial weights.
+
+This is what the tools build on: merging a checkpoint, dW analysis, perplexity and HF export. Loads
+in one process without a process group, whatever the number of ranks that saved the checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from megamora.adapters import apply_adapters, merge_adapters
+from megamora.checkpoint import _dcp, latest_checkpoint, read_trainer_state
+from megamora.config import TrainConfig, load_config
+from megamora.model import Llama, build_model, initial_state_dict, init_weights
+
+
+def run_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml")
+    return load_config(path)
+
+
+def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[TrainConfig, Llama]:
+    """The model of `checkpoint` (default: the newest in `run_dir`) with every adapter folded in."""
+    cfg = run_config(run_dir)
+    checkpoint = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    model = build_model(cfg.model, device="meta")
+    apply_adapters(model, cfg.adapter)
+    model.to_empty(device="cpu")
+    init_weights(model, cfg.seed, cfg.model.init_std)  # buffers; every parameter is then loaded
+    state = read_trainer_state(checkpoint)
+    if cfg.restarts.every:  # MoRA layers go back to the operator type they had when saved
+        from megamora.restarts import Restarts
+
+        Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps).load_state_dict(state["restarts"], model)
+    model_sd = get_model_state_dict(model)
+    _dcp(dcp.load, {"model": model_sd}, checkpoint)
+    set_model_state_dict(model, model_sd)
+    return cfg, merge_adapters(model)
+
+
+def initial_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """W_init of a run, reproduced exactly from its config and seed."""
+    cfg = run_config(run_dir)
+    return initial_state_dict(cfg.model, cfg.seed)
