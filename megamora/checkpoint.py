@@ -21,7 +21,13 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.optim import Optimizer
 
 from megamora.distributed import barrier
@@ -91,6 +97,31 @@ def save_checkpoint(
             shutil.rmtree(old)
     barrier()
     return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory standing for its newest checkpoint."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
+    return latest
+
+
+@torch.no_grad()
+def load_base_weights(path: str | Path, model: nn.Module) -> None:
+    """Load a full-rank checkpoint's weights into `model`, whose targeted layers may be wrapped by
+    adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own initial values."""
+    model_sd = get_model_state_dict(model)
+    wanted = {k.replace(".base.", "."): v for k, v in model_sd.items() if ".base." in k or not _is_adapter_key(k)}
+    _dcp(dcp.load, {"model": wanted}, Path(path))
+    set_model_state_dict(model, model_sd)
+
+
+def _is_adapter_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "M")
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -76,7 +76,6 @@ class RestartConfig:
     prune_ratio: float = 0.999  # fraction of moments zeroed by the prune strategies
     lr: str = "restart_warmup"  # restart_warmup | jagged_cosine
     warmup: int = 50  # re-warmup steps after each restart
-    full_rank_warmup: int = 0  # train full-rank for N steps before switching to adapters
 
 
 @dataclass
@@ -135,6 +134,9 @@ class TrainConfig:
     final_eval_tokens: Optional[int] = None  # None: same as eval_tokens
     save_every: int = 1000  # 0: save only at the end
     keep_last: int = 2
+    # ReLoRA's full-rank warm start: a checkpoint (or run directory: its newest checkpoint) of a
+    # full-rank run whose weights this run starts from instead of the seeded initialisation.
+    warm_start: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     restarts: RestartConfig = field(default_factory=RestartConfig)
@@ -245,7 +247,6 @@ def validate(cfg: TrainConfig) -> None:
         _check(len(r.mora_types) > 0, "restarts.mora_types must not be empty")
         _check(a.kind != "mora" or a.mora_type == r.mora_types[0],
                f"adapter.mora_type={a.mora_type!r} must be the first type of restarts.mora_types={list(r.mora_types)}")
-    _check(r.full_rank_warmup >= 0, f"restarts.full_rank_warmup={r.full_rank_warmup} must be >= 0")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -12,7 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from megamora.adapters import apply_adapters, merge_adapters
-from megamora.checkpoint import _dcp, latest_checkpoint, read_trainer_state
+from megamora.checkpoint import _dcp, latest_checkpoint, load_base_weights, read_trainer_state, resolve_checkpoint
 from megamora.config import TrainConfig, load_config
 from megamora.model import Llama, build_model, initial_state_dict, init_weights
 
@@ -46,6 +46,10 @@ def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None)
 
 
 def initial_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """W_init of a run, reproduced exactly from its config and seed."""
+    """W_init of a run: reproduced exactly from its config and seed, or its warm-start checkpoint."""
     cfg = run_config(run_dir)
+    if cfg.warm_start:
+        model = build_model(cfg.model, device="cpu")
+        load_base_weights(resolve_checkpoint(cfg.warm_start), model)
+        return model.state_dict()
     return initial_state_dict(cfg.model, cfg.seed)

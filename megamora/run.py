@@ -11,7 +11,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megamora import adapters
-from megamora.checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
+from megamora.checkpoint import (
+    latest_checkpoint,
+    load_base_weights,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_checkpoint,
+)
 from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
 from megamora.data import build_train_loader, check_data_source, validation_batches
 from megamora.distributed import DistInfo, init_distributed, set_activation_checkpointing, shard_model
@@ -39,6 +45,8 @@ def check_inputs(cfg: TrainConfig, dist: DistInfo):
         grad_accum_steps(cfg, dist.world_size)
         check_data_source(cfg.data)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if cfg.warm_start:
+            resolve_checkpoint(cfg.warm_start)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -60,6 +68,8 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     if dist.sharded:
         shard_model(model, cfg.parallel)
     materialize(model, dist.device, cfg.seed, cfg.model.init_std)
+    if cfg.warm_start and latest_checkpoint(run_dir) is None:
+        load_base_weights(resolve_checkpoint(cfg.warm_start), model)
     optimizer = build_optimizer(model, cfg.optim)
 
     accum = grad_accum_steps(cfg, dist.world_size)

@@ -122,3 +122,27 @@ def test_bad_key_value_or_data_path_fails_cleanly(shared_data, tmp_path):
     proc = launch(tiny_overrides(shared_data, run_dir, "steps=6", f"data.local_dir={tmp_path}/gone"), check=False)
     assert proc.returncode == 2
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_full_rank_warm_start(shared_data, tmp_path):
+    """ReLoRA's recipe: a full-rank run, then an adapter run starting from its weights."""
+    import torch
+
+    from megamora.distributed import DistInfo
+    from megamora.export import initial_weights, load_merged_model
+    from megamora.run import build_trainer
+
+    warm = run_in_process(tiny_overrides(shared_data, tmp_path / "warm", "steps=3"))
+    cfg = load_config(None, tiny_overrides(shared_data, tmp_path / "relora", "adapter.kind=lora", "adapter.r=4",
+                                           f"warm_start={warm.run_dir}"))
+    trainer, _ = build_trainer(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    # before any adapter step the model is the warm-start model: same validation loss
+    assert trainer.evaluate(cfg.final_eval_tokens)["loss"] == pytest.approx(warm.final_eval["loss"], rel=1e-6)
+    trainer.metrics.close()
+    _, warm_model = load_merged_model(warm.run_dir)
+    w_init = initial_weights(tmp_path / "relora")
+    for k, v in warm_model.state_dict().items():
+        assert torch.equal(w_init[k], v), k
+
+    proc = launch(tiny_overrides(shared_data, tmp_path / "x", f"warm_start={tmp_path}/none"), check=False)
+    assert proc.returncode == 2 and f"{tmp_path}/none" in proc.stderr and not (tmp_path / "x").exists()
