@@ -22,7 +22,7 @@ from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
 from megamora.data import build_train_loader, check_data_source, validation_batches
 from megamora.distributed import DistInfo, init_distributed, set_activation_checkpointing, shard_model
 from megamora.metrics import MetricsLogger
-from megamora.model import build_model, count_parameters, flops_per_token, materialize
+from megamora.model import build_model, flops_per_token, materialize
 from megamora.optim import build_optimizer
 from megamora.tokenizer import load_tokenizer
 from megamora.train import Trainer, grad_accum_steps
@@ -99,9 +99,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
         loader.load_state_dict(load_checkpoint(ckpt, model, optimizer, stream_ids))
         trainer.step = state["step"]
     metrics.log(trainer.step, {
-        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device),
-        "total_params": count_parameters(model), "trainable_params": count_parameters(model, trainable_only=True),
-        **summary, "resumed_from": str(ckpt) if ckpt else None,
+        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device), **summary, "resumed_from": str(ckpt) if ckpt else None,
     }, kind="setup")
     return trainer, ckpt
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megamora.adapters import LoRALinear, MoRALinear, apply_adapters, iter_adapters
+from megamora.adapters import MoRALinear, apply_adapters, iter_adapters
 from megamora.analysis import delta_weights, module_type, rank_of
 from megamora.config import AdapterConfig, ModelConfig, OptimConfig, RestartConfig, load_config
 from megamora.model import build_model, init_weights, seeded_fill_

@@ -1,6 +1,5 @@
 """End-to-end: exact resume, distributed == single process, and bad input through the real entry point."""
 
-import json
 import os
 import shutil
 import subprocess
