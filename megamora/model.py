@@ -115,7 +115,12 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output head if configured (again after `to_empty`,
+        which gives every parameter new storage)."""
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -192,8 +197,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Llama:
         return Llama(cfg)
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int, std: float) -> None:
+def materialize(model: Llama, device: torch.device, seed: int, std: float) -> None:
     model.to_empty(device=device)
+    model.tie_weights()
     init_weights(model, seed, std)
 
 

@@ -101,3 +101,12 @@ def test_matches_hugging_face_llama(n_kv_heads):
     assert not unexpected and all("rotary" in k for k in missing)
     x = torch.randint(0, cfg.vocab_size, (2, 10))
     torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_tied_embeddings_stay_tied_after_meta_materialization():
+    from megamora.model import materialize
+
+    model = build_model(tiny_config(tie_embeddings=True), device="meta")
+    materialize(model, torch.device("cpu"), 0, 0.02)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert count_parameters(model) == count_parameters(tiny_model()) - 97 * 32

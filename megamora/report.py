@@ -1,0 +1,256 @@
+"""Results of run directories: C4 perplexity (Table 3) and the spectrum of dW (Figure 5).
+
+    evaluate_run(run_dir)                  # perplexity of the merged model, as the run's final eval
+    run_singular_value_counts(run_dir)     # Figure 5 numbers of one run
+    summaries = [summarize_run(name, run_dir) for ...]
+    write_report(summaries, out_dir)       # report.md (Table 3 + Figure 5 tables), figure5.png, results.json
+
+The tools in tools/ are thin command lines over these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from megamora.analysis import delta_weights, module_type, singular_value_counts
+from megamora.checkpoint import latest_checkpoint, read_trainer_state, resolve_checkpoint
+from megamora.config import MODEL_PRESETS, ModelConfig, TrainConfig, load_config
+from megamora.data import validation_batches
+from megamora.evaluate import evaluate_loss, perplexity
+from megamora.export import initial_weights, load_merged_model, run_config
+from megamora.metrics import read_metrics
+from megamora.tokenizer import load_tokenizer
+
+# Paper Table 3: C4 validation perplexity after 10k steps, by model preset and method.
+PAPER_TABLE3: dict[str, dict[str, float]] = {
+    "250m": {"LoRA": 33.40, "MoRA": 28.54, "ReLoRA": 32.19, "ReMoRA": 26.74},
+    "1b": {"LoRA": 28.56, "MoRA": 25.25, "ReLoRA": 27.80, "ReMoRA": 23.34},
+}
+PRESET_LABELS = {"250m": "250M", "1b": "1.3B"}
+# Figure 5's order of module types, and the labels under its bar groups.
+FIGURE5_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def method_of(cfg: TrainConfig) -> str:
+    """The Table 3 row of a run: LoRA, MoRA, ReLoRA, ReMoRA (or Full-rank)."""
+    if cfg.adapter.kind == "none":
+        return "Full-rank"
+    name = {"lora": "LoRA", "mora": "MoRA"}[cfg.adapter.kind]
+    return f"Re{name}" if cfg.restarts.every else name
+
+
+def preset_of(cfg: ModelConfig) -> Optional[str]:
+    """The model preset a run used, also when its shapes were given field by field."""
+    if cfg.preset:
+        return cfg.preset
+    shape = (cfg.dim, cfg.ffn_dim, cfg.n_layers, cfg.n_heads)
+    return next((name for name, s in MODEL_PRESETS.items() if s == shape), None)
+
+
+def paper_perplexity(method: str, preset: Optional[str]) -> Optional[float]:
+    return PAPER_TABLE3.get(preset or "", {}).get(method)
+
+
+def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """`checkpoint` as given (a checkpoint folder, a run folder, or a name under run_dir/checkpoints),
+    or the newest checkpoint of the run. Raises FileNotFoundError naming what is missing."""
+    run_config(run_dir)  # "not a run directory" comes first
+    if checkpoint is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+        return found
+    path = Path(checkpoint)
+    if not path.exists() and (Path(run_dir) / "checkpoints" / path).exists():
+        path = Path(run_dir) / "checkpoints" / path
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    return resolve_checkpoint(path)
+
+
+def config_with_data_overrides(run_dir: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The run's config with `data.key=value` overrides (e.g. where the validation files lie on this
+    machine). Other sections describe the trained model and cannot be overridden here."""
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise ValueError(f"only data.* overrides are allowed here, got {bad[0]!r}")
+    run_config(run_dir)
+    return load_config(Path(run_dir) / "config.yaml", list(overrides))
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | Path, checkpoint: str | Path | None = None, tokens: Optional[int] = None,
+                 micro_batch_size: Optional[int] = None, data_overrides: Sequence[str] = (),
+                 device: str | torch.device = "cpu", dtype: str = "float32") -> dict:
+    """C4 validation perplexity (exp of the token-weighted mean cross-entropy) of the merged model.
+
+    Defaults reproduce the run's own final eval: the same first `final_eval_tokens` (else
+    `eval_tokens`) validation tokens, packed the same way. `dtype` bfloat16 evaluates under autocast,
+    as a bf16 run's trainer does; the default is fp32."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r} is not one of ['float32', 'bfloat16']")
+    cfg = config_with_data_overrides(run_dir, data_overrides)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    num_tokens = tokens if tokens is not None else (cfg.final_eval_tokens or cfg.eval_tokens)
+    batch = micro_batch_size if micro_batch_size is not None else cfg.micro_batch_size
+    if batch < 1:
+        raise ValueError(f"micro_batch_size={batch} must be positive")
+    # Data problems surface before the model is loaded.
+    sequences = validation_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), num_tokens)
+    device = torch.device(device)
+    _, model = load_merged_model(run_dir, ckpt)
+    model.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        loss, count = evaluate_loss(model, sequences, batch, 0, 1, device)
+    return {"perplexity": perplexity(loss), "loss": loss, "tokens": count, "checkpoint": str(ckpt),
+            "step": read_trainer_state(ckpt)["step"]}
+
+
+@torch.no_grad()
+def run_singular_value_counts(run_dir: str | Path, checkpoint: str | Path | None = None, threshold: float = 0.1,
+                              device: str | torch.device = "cpu") -> dict[str, float]:
+    """Figure 5 for one run: per module type, the mean over layers of the number of singular values
+    above `threshold` of dW = W_final (adapters merged) - W_init, in fp32."""
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    _, model = load_merged_model(run_dir, ckpt)
+    current = {k: v.to(device) for k, v in model.state_dict().items() if module_type(k)}
+    deltas = delta_weights(initial_weights(run_dir), current)
+    return singular_value_counts(deltas, threshold)
+
+
+def final_eval_record(run_dir: str | Path) -> dict:
+    """The run's last eval record (the highest step; of a step logged twice, as after a resume, the later)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl")
+    records = read_metrics(run_dir, "eval")
+    if not records:
+        raise ValueError(f"{path} has no eval record (recompute it with --eval)")
+    last = max(r["step"] for r in records)
+    return [r for r in records if r["step"] == last][-1]
+
+
+# --------------------------------------------------------------------------- several runs
+
+
+@dataclass
+class RunSummary:
+    name: str
+    run_dir: str
+    method: str
+    preset: Optional[str]
+    step: int
+    perplexity: float
+    tokens: int
+    perplexity_source: str  # "metrics" (the run's own final eval) or "recomputed"
+    paper_perplexity: Optional[float]
+    sv_counts: Optional[dict[str, float]] = None
+
+
+def summarize_run(name: str, run_dir: str | Path, *, recompute_eval: bool = False, counts: bool = True,
+                  threshold: float = 0.1, data_overrides: Sequence[str] = (), eval_tokens: Optional[int] = None,
+                  device: str | torch.device = "cpu") -> RunSummary:
+    cfg = run_config(run_dir)
+    if recompute_eval:
+        ev = evaluate_run(run_dir, tokens=eval_tokens, data_overrides=data_overrides, device=device)
+    else:
+        ev = final_eval_record(run_dir)
+    method, preset = method_of(cfg), preset_of(cfg.model)
+    return RunSummary(
+        name=name, run_dir=str(run_dir), method=method, preset=preset, step=int(ev["step"]),
+        perplexity=float(ev["perplexity"]), tokens=int(ev["tokens"]),
+        perplexity_source="recomputed" if recompute_eval else "metrics",
+        paper_perplexity=paper_perplexity(method, preset),
+        sv_counts=run_singular_value_counts(run_dir, threshold=threshold, device=device) if counts else None,
+    )
+
+
+def _cell(value: Optional[float], fmt: str = "{:.2f}") -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def table3_markdown(summaries: Sequence[RunSummary]) -> str:
+    """Table 3 as markdown: our C4 perplexity beside the paper's for the same method and model size."""
+    lines = ["| run | method | model | step | eval tokens | C4 perplexity | paper (Table 3) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for s in summaries:
+        model = PRESET_LABELS.get(s.preset or "", s.preset or "custom")
+        lines.append(f"| {s.name} | {s.method} | {model} | {s.step} | {s.tokens} | {_cell(s.perplexity)} "
+                     f"| {_cell(s.paper_perplexity)} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure5_markdown(summaries: Sequence[RunSummary]) -> str:
+    """Figure 5's numbers as a table: one row per module type, one column per run."""
+    runs = [s for s in summaries if s.sv_counts is not None]
+    lines = ["| module | " + " | ".join(s.name for s in runs) + " |", "|---|" + "---:|" * len(runs)]
+    for kind in FIGURE5_MODULES:
+        cells = " | ".join(_cell(s.sv_counts.get(kind), "{:.1f}") for s in runs)
+        lines.append(f"| {kind.removesuffix('_proj')} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_figure5(summaries: Sequence[RunSummary], path: str | Path, threshold: float = 0.1) -> Path:
+    """Grouped bar chart (PNG): one group per module type, one bar per run."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    runs = [s for s in summaries if s.sv_counts is not None]
+    if not runs:
+        raise ValueError("no run has singular value counts to plot")
+    fig = Figure(figsize=(1.2 * len(FIGURE5_MODULES) + 2, 4), dpi=120)
+    ax = fig.add_subplot()
+    width = 0.8 / len(runs)
+    for i, s in enumerate(runs):
+        xs = [g + (i - (len(runs) - 1) / 2) * width for g in range(len(FIGURE5_MODULES))]
+        ax.bar(xs, [s.sv_counts.get(k, 0.0) for k in FIGURE5_MODULES], width, label=f"{s.name} ({s.method})")
+    ax.set_xticks(range(len(FIGURE5_MODULES)), [k.removesuffix("_proj") for k in FIGURE5_MODULES])
+    ax.set_ylabel(f"singular values > {threshold:g}")
+    ax.set_title("Singular values of $\\Delta W$ (mean over layers)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def write_report(summaries: Sequence[RunSummary], out_dir: str | Path, threshold: float = 0.1) -> dict[str, Path]:
+    """report.md (Table 3, Figure 5 table and image), figure5.png and results.json in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"results": out / "results.json", "report": out / "report.md"}
+    paths["results"].write_text(json.dumps([asdict(s) for s in summaries], indent=2) + "\n")
+    source = {"metrics": "each run's final eval record in metrics.jsonl",
+              "recomputed": "recomputed from each run's newest checkpoint, adapters merged"}
+    sources = "; ".join(source[k] for k in sorted({s.perplexity_source for s in summaries}))
+    text = [
+        "# MoRA pretraining report\n",
+        "## Table 3: C4 validation perplexity\n",
+        table3_markdown(summaries),
+        f"Perplexity is exp of the token-weighted mean cross-entropy ({sources}). The paper column "
+        "is filled for 250M and 1.3B runs of LoRA, MoRA, ReLoRA and ReMoRA.\n",
+    ]
+    if any(s.sv_counts is not None for s in summaries):
+        paths["figure"] = plot_figure5(summaries, out / "figure5.png", threshold)
+        text += [
+            f"## Figure 5: singular values > {threshold:g} of dW = W_final - W_init\n",
+            "Mean over layers, per module type, fp32, adapters merged into the final weights.\n",
+            figure5_markdown(summaries),
+            "![Figure 5](figure5.png)\n",
+        ]
+    paths["report"].write_text("\n".join(text))
+    return paths

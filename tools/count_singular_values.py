@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Figure 5 numbers of one run: per module type, the mean over layers of the number of singular
+values above a threshold of dW = W_final (adapters merged) - W_init, in fp32.
+
+    python tools/count_singular_values.py RUN_DIR [--threshold 0.1] [--checkpoint DIR] [--json]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="training run directory")
+    parser.add_argument("--checkpoint", help="checkpoint folder or name under RUN_DIR/checkpoints (default: newest)")
+    parser.add_argument("--threshold", type=float, default=0.1, help="count singular values above this (default 0.1)")
+    parser.add_argument("--device", default="cpu", help="where the SVDs run: cpu | cuda[:i] | auto (default cpu)")
+    parser.add_argument("--json", action="store_true", help="print {module type: mean count} as JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.threshold < 0:
+            raise ValueError(f"--threshold {args.threshold} must be >= 0")
+        from megamora.report import find_checkpoint, pick_device, run_singular_value_counts
+
+        ckpt = find_checkpoint(args.run_dir, args.checkpoint)
+        counts = run_singular_value_counts(args.run_dir, ckpt, args.threshold, pick_device(args.device))
+    except (ValueError, OSError) as e:
+        print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        print(f"singular values > {args.threshold:g} of dW (mean over layers), {ckpt}")
+        for kind, value in counts.items():
+            print(f"{kind:<10} {value:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
