@@ -1,0 +1,74 @@
+"""LoRA (Hu et al., 2021) as PEFT implements it: h = W0 x + (alpha / r) B A dropout(x), A kaiming-
+uniform(a=sqrt(5)), B = 0 at start (dW = 0, yet B gets a gradient because A != 0), and the
+ReLoRA restart (merge B A into W0, redraw A, zero B)."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from megamora.adapters.mora import _full, add_into_param_
+from megamora.model import InitFn, kaiming_uniform_init, seeded_fill_, zeros_init
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (`base`) plus `lora_A` (r, in) and `lora_B` (out, r), scaled by alpha / r."""
+
+    param_init: ClassVar[dict[str, InitFn]] = {"lora_A": kaiming_uniform_init, "lora_B": zeros_init}
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if r <= 0:
+            raise ValueError(f"r={r} must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+        self.base = base
+        self.r = r
+        self.alpha = alpha
+        self.scale = alpha / r
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        if w.device.type != "meta":  # eager construction; a meta model gets A from init_weights
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        h = nn.functional.linear(self.dropout(x), self.lora_A)
+        # addmm folds the scale and the residual add into the second GEMM
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r), self.lora_B.t(), alpha=self.scale)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """(out, in) fp32: scale * B A. With sharded factors every rank must call this (all-gather)."""
+        return (_full(self.lora_B).float() @ _full(self.lora_A).float()) * self.scale
+
+    @torch.no_grad()
+    def merge_and_reinit(self, seed: int = 0, key: str = "") -> None:
+        """ReLoRA restart: W0 += scale B A; A = kaiming_uniform(a=sqrt(5)) drawn from (seed, key),
+        the same values for any world size; B = 0. Every rank must call it when sharded."""
+        add_into_param_(self.base.weight, self.delta_weight())
+        seeded_fill_(self.lora_A, kaiming_uniform_init, seed, key)
+        (self.lora_B.to_local() if isinstance(self.lora_B, DTensor) else self.lora_B).zero_()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
