@@ -81,10 +81,18 @@ def test_resume_is_bitwise_identical(shared_data, tmp_path, adapter):
     assert resumed.final_eval == full.final_eval
 
 
-def test_two_ranks_match_one_process_and_resume_on_one(shared_data, tmp_path):
+PARITY_CASES = {
+    "full": [],
+    # the smoke MoRA config (dropout 0.05 included: its masks follow the data stream, not the rank)
+    "smoke-mora": ["--config", str(REPO / "configs" / "smoke" / "mora.yaml"), "adapter.r=4"],
+}
+
+
+@pytest.mark.parametrize("extra", PARITY_CASES.values(), ids=PARITY_CASES.keys())
+def test_two_ranks_match_one_process_and_resume_on_one(shared_data, tmp_path, extra):
     single, double = tmp_path / "single", tmp_path / "double"
-    launch(tiny_overrides(shared_data, single))
-    launch(tiny_overrides(shared_data, double), nproc=2)
+    launch(tiny_overrides(shared_data, single, *extra))
+    launch(tiny_overrides(shared_data, double, *extra), nproc=2)
     one, two = losses(single), losses(double)
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
@@ -95,7 +103,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(shared_data, tmp_path):
 
     # a checkpoint written by 2 ranks resumes on 1 process and continues the same trajectory
     crash_after_first_checkpoint(double)
-    proc = launch(tiny_overrides(shared_data, double))
+    proc = launch(tiny_overrides(shared_data, double, *extra))
     assert "run directory" in proc.stdout
     resumed = losses(double)
     for step in (4, 5, 6):
