@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,26 +51,27 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 class Throughput:
-    """Tokens/s, FLOP/s and MFU over the steps since the last call to `measure`."""
+    """Tokens/s, FLOP/s and MFU over the training steps since the last call to `measure` (eval and
+    checkpoint time excluded: each step's own wall time is added)."""
 
     def __init__(self, flops_per_token: float, world_size: int, device: torch.device):
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak = peak_flops(device)
-        self.start = time.perf_counter()
+        self.seconds = 0.0
         self.tokens = 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
+        self.seconds += seconds
 
     def measure(self) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.start
-        tps = self.tokens / max(elapsed, 1e-9)  # global tokens/s
+        tps = self.tokens / max(self.seconds, 1e-9)  # global tokens/s
         flops = tps * self.flops_per_token / self.world_size  # achieved FLOP/s per device
         out = {"tokens_per_s": tps, "flops_per_s_per_device": flops}
         if self.peak:
             out["mfu"] = flops / self.peak
-        self.start, self.tokens = time.perf_counter(), 0
+        self.seconds, self.tokens = 0.0, 0
         return out
 
 
@@ -93,7 +93,7 @@ class MetricsLogger:
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if not isinstance(v, (dict, list)))
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != "data")  # data stats: JSONL only
         log.info("%s step %d | %s", kind, step, shown)
 
     def close(self) -> None:
@@ -106,6 +106,8 @@ class MetricsLogger:
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_fmt(x)}" for k, x in v.items()) + "}"
     return str(v)
 
 

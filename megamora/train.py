@@ -137,15 +137,16 @@ class Trainer:
             lr = self.set_lr()
             t0 = time.perf_counter()
             loss, grad_norm = self.train_step()
+            step_time = time.perf_counter() - t0
             self.step += 1
             self.losses.append(loss)
-            meter.add(tokens_per_step)
+            meter.add(tokens_per_step, step_time)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}")
             if self.step % cfg.logging.log_every == 0 or self.step == cfg.steps:
                 self.metrics.log(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                             "step_time_s": time.perf_counter() - t0, **meter.measure(),
+                                             "step_time_s": step_time, **meter.measure(),
                                              "peak_memory_gib": peak_memory_gib(self.dist.device),
                                              "data": self.loader.stats()})
             if self.restarts is not None and self.restarts.due(self.step):
