@@ -326,6 +326,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
         result["step_after"] = float(opt.state[model.lora_A]["step"])
         if rank == 0:
             torch.save(result, out_file)
+        dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -117,6 +117,7 @@ def _sharded_restart_worker(rank, world, init_file, out_file, kind):
         types = [getattr(layer, "mora_type", None) for _, layer in iter_adapters(model)]
         if rank == 0:
             torch.save({"state": full, "types": types}, out_file)
+        dist.barrier()  # no rank tears down gloo while another still talks to it
     finally:
         dist.destroy_process_group()
 
