@@ -86,3 +86,19 @@ def test_initial_weights_of_an_adapted_run_are_reproducible():
     assert adapted.keys() == w_init.keys()
     for k, v in w_init.items():
         assert torch.equal(adapted[k], v), k
+
+
+def test_metrics_jsonl_always_and_wandb_offline(tmp_path):
+    from megamora.metrics import MetricsLogger, read_metrics
+
+    logger = MetricsLogger(tmp_path, enabled=True, wandb_mode="disabled", wandb_project="p", config={})
+    logger.log(1, {"loss": 2.5, "data": {"docs_read": 3}})
+    logger.close()
+    assert read_metrics(tmp_path) == [{"kind": "train", "step": 1, "loss": 2.5, "data": {"docs_read": 3}}]
+    assert not (tmp_path / "wandb").exists()
+
+    pytest.importorskip("wandb")  # optional extra: `pip install -e .[wandb]`
+    logger = MetricsLogger(tmp_path, enabled=True, wandb_mode="offline", wandb_project="p", config={"a": 1})
+    logger.log(2, {"loss": 2.0})
+    logger.close()
+    assert any((tmp_path / "wandb").glob("offline-run-*"))
