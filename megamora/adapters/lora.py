@@ -11,44 +11,28 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from megamora.adapters.base import AdapterLinear
 from megamora.adapters.mora import _full, add_into_param_
 from megamora.model import InitFn, kaiming_uniform_init, seeded_fill_, zeros_init
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLinear):
     """A frozen nn.Linear (`base`) plus `lora_A` (r, in) and `lora_B` (out, r), scaled by alpha / r."""
 
     param_init: ClassVar[dict[str, InitFn]] = {"lora_A": kaiming_uniform_init, "lora_B": zeros_init}
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         if r <= 0:
             raise ValueError(f"r={r} must be positive")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        self.base = base
+        super().__init__(base, dropout)
         self.r = r
         self.alpha = alpha
         self.scale = alpha / r
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
         if w.device.type != "meta":  # eager construction; a meta model gets A from init_weights
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

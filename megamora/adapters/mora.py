@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from megamora.adapters.base import AdapterLinear
 from megamora.model import InitFn, zeros_init
 
 # ---------------------------------------------------------------------------------------------
@@ -480,40 +481,23 @@ def add_into_param_(param: torch.Tensor, full_update: torch.Tensor) -> None:
         param.copy_((param.float() + full_update.to(param.device).float()).to(param.dtype))
 
 
-class MoRALinear(nn.Module):
+class MoRALinear(AdapterLinear):
     """A frozen nn.Linear (`base`) plus MoRA's square matrix `M` (r_hat x r_hat, zero at start)."""
 
     param_init: ClassVar[dict[str, InitFn]] = {"M": zeros_init}
 
     def __init__(self, base: nn.Linear, r: int, mora_type: int | str = 1, dropout: float = 0.0,
                  r_hat_rule: str = "round"):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"MoRALinear wraps an nn.Linear, got {type(base).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        self.base = base
+        super().__init__(base, dropout)
         self.r = r
         self.r_hat_rule = r_hat_rule
         self.mora_type = canonical_mora_type(mora_type)
         self.r_hat = mora_r_hat(base.in_features, base.out_features, r, r_hat_rule, self.mora_type)
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
         w = base.weight
         self.M = nn.Parameter(torch.zeros(self.r_hat, self.r_hat, device=w.device, dtype=w.dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("rot_cos", None, persistent=False)
         self.register_buffer("rot_sin", None, persistent=False)
         self.init_buffers()
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     @property
     def geometry(self) -> _Geometry:
