@@ -2,6 +2,8 @@
 
     python launch/pretrain.py --config configs/smoke/full.yaml [section.key=value ...]
     torchrun --nproc_per_node 8 launch/pretrain.py --config configs/table3/250m/mora.yaml run_dir=runs/x
+    deepspeed --num_gpus 8 launch/pretrain.py --config ... parallel.engine=deepspeed parallel.zero_stage=2
+    ... --dry-run   # print the plan (batch, parameters, FLOPs, memory per rank) and exit
 """
 
 from __future__ import annotations
@@ -14,12 +16,44 @@ import sys
 from megamora.config import ConfigError, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain a LLaMA with LoRA / MoRA / full-rank updates.")
     parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (engine, world size, batch, tokens, parameters, FLOPs, estimated "
+                             "memory per rank) and exit: the model is built on the meta device only, no process "
+                             "group is joined, the run directory is not created, and the data and tokenizer are "
+                             "not checked (they need not exist)")
+    # The deepspeed launcher passes --local_rank=N; the rank comes from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 adapter.kind=mora")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def dry_run(args: argparse.Namespace, rank: int) -> int:
+    """World size from the launcher's environment (WORLD_SIZE; unset: one plain process)."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = os.environ.get("WORLD_SIZE")
+        if world is not None and not world.strip().isdigit():
+            raise ConfigError(f"WORLD_SIZE={world!r} is not a positive integer")
+        from megamora.plan import format_plan, make_plan  # torch only once the config is good
+
+        plan = make_plan(cfg, world_size=int(world or 1), distributed=world is not None)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(format_plan(plan))
+        print(f"dry run: nothing trained, run directory {cfg.run_dir} not created, data and tokenizer not checked")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    if args.dry_run:
+        return dry_run(args, rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -11,7 +11,8 @@ import re
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor
+
+from megamora.engines.tensors import full_tensor
 
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PROJ_WEIGHT = re.compile(r"(?:^|\.)(" + "|".join(MODULE_TYPES) + r")\.weight$")
@@ -31,10 +32,6 @@ def module_type(name: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _full(t: Tensor) -> Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def delta_weights(initial: dict[str, Tensor], current: dict[str, Tensor]) -> dict[str, Tensor]:
     """dW = current - initial (fp32) for every 2-D projection weight present in both state dicts."""
     init = {plain_name(k): v for k, v in initial.items() if module_type(k)}
@@ -48,7 +45,7 @@ def delta_weights(initial: dict[str, Tensor], current: dict[str, Tensor]) -> dic
             raise ValueError(
                 f"delta_weights: {name} has shape {tuple(now.shape)} now but {tuple(before.shape)} initially"
             )
-        deltas[name] = _full(now).float() - _full(before).float().to(now.device)
+        deltas[name] = full_tensor(now).float() - full_tensor(before).float().to(now.device)
     return deltas
 
 
@@ -60,7 +57,7 @@ def _check_2d(dw: Tensor) -> None:
 def singular_values(dw: Tensor) -> Tensor:
     """Singular values of dW in fp32, descending."""
     _check_2d(dw)
-    return torch.linalg.svdvals(_full(dw).float())
+    return torch.linalg.svdvals(full_tensor(dw).float())
 
 
 def count_above(dw: Tensor, threshold: float = 0.1) -> int:
@@ -75,7 +72,7 @@ def rank_of(dw: Tensor, rtol: float | None = None) -> int:
     was computed in: an fp32 dW carries fp32 rounding noise that fp64's eps would count as rank).
     """
     _check_2d(dw)
-    dw = _full(dw)
+    dw = full_tensor(dw)
     if rtol is None:
         eps = torch.finfo(dw.dtype).eps if dw.is_floating_point() else torch.finfo(torch.float64).eps
         rtol = max(dw.shape) * eps

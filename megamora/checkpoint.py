@@ -1,11 +1,12 @@
-"""Distributed checkpoints (torch.distributed.checkpoint) that are never left half-written.
+"""Checkpoints that are never left half-written, whatever engine writes them.
 
 Layout of a run directory:
-    run_dir/checkpoints/step_00000100/   DCP shards of model + optimizer, trainer_state.json,
-                                         data/stream_<id>.json (one per data stream)
+    run_dir/checkpoints/step_00000100/   the engine's model + optimizer state (FSDP2: DCP shards;
+                                         DeepSpeed: deepspeed/), trainer_state.json (step, engine,
+                                         world size, restarts...), data/stream_<id>.json
 A checkpoint is written into `.tmp-step_*` and renamed once complete, so `latest_checkpoint` only
-ever sees whole checkpoints. DCP reshards on load: a checkpoint saved on N ranks loads on M ranks
-(or on one process without a process group).
+ever sees whole checkpoints. FSDP2 checkpoints reshard on load (N ranks -> M ranks, or one process
+without a process group); DeepSpeed ones resume on the same ZeRO stage and world size.
 """
 
 from __future__ import annotations
@@ -14,23 +15,15 @@ import json
 import os
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
-from torch.optim import Optimizer
+from torch import nn
 
 from megamora.distributed import barrier
+from megamora.engines import Engine, engine_class
+from megamora.engines.tensors import set_full_
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -53,22 +46,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _process_group_active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _dcp(fn, state: dict, path: Path) -> None:
-    """dcp.save / dcp.load, also in one process without a process group (no warning about it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=str(path), no_dist=not _process_group_active())
-
-
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
-    model: nn.Module,
-    optimizer: Optimizer,
+    engine: Engine,
     trainer_state: dict[str, Any],
     data_state: dict[str, dict],
     keep_last: int,
@@ -82,14 +63,13 @@ def save_checkpoint(
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed earlier
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
-    (tmp / "data").mkdir(exist_ok=True)
+    engine.save(tmp)
+    (tmp / "data").mkdir(parents=True, exist_ok=True)
     for stream_id, state in data_state.items():
         _write_json(tmp / "data" / f"stream_{stream_id}.json", state)
     barrier()
     if is_main:
-        _write_json(tmp / "trainer_state.json", {"step": step, **trainer_state})
+        _write_json(tmp / "trainer_state.json", {"step": step, **engine.checkpoint_info(), **trainer_state})
         if final.exists():  # the same step saved twice (e.g. periodic + final): keep the newer
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -110,31 +90,43 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-@torch.no_grad()
-def load_base_weights(path: str | Path, model: nn.Module) -> None:
-    """Load a full-rank checkpoint's weights into `model`, whose targeted layers may be wrapped by
-    adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own initial values."""
-    model_sd = get_model_state_dict(model)
-    wanted = {k.replace(".base.", "."): v for k, v in model_sd.items() if ".base." in k or not _is_adapter_key(k)}
-    _dcp(dcp.load, {"model": wanted}, Path(path))
-    set_model_state_dict(model, model_sd)
-
-
-def _is_adapter_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "M")
-
-
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: Optimizer, stream_ids: list[int]) -> dict[str, dict]:
-    """Load model and optimizer in place; return the data state of `stream_ids`."""
+def saved_engine(path: str | Path) -> str:
+    """The engine that wrote a checkpoint (checkpoints from before engines existed are FSDP2's)."""
+    return read_trainer_state(path).get("engine", "fsdp2")
+
+
+def load_model_weights(path: str | Path, model: nn.Module) -> None:
+    """Load a checkpoint's model weights into a plain, unsharded `model` (one process, no group),
+    whichever engine wrote it."""
+    engine_class(saved_engine(path)).read_model(Path(path), model)
+
+
+@torch.no_grad()
+def load_base_weights(path: str | Path, model: nn.Module) -> None:
+    """Load a full-rank checkpoint's weights into `model` (plain or sharded), whose targeted layers
+    may be wrapped by adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own
+    initial values. Every rank reads the whole checkpoint and keeps its own part."""
+    from megamora.model import build_model
+
+    source = build_model(model.cfg, device="meta")
+    source.to_empty(device="cpu")
+    source.tie_weights()
+    load_model_weights(path, source)
+    weights = dict(source.named_parameters())
+    for name, param in model.named_parameters():
+        plain = name.replace(".base.", ".")
+        if plain in weights:
+            set_full_(param, weights[plain])
+
+
+def load_checkpoint(path: str | Path, engine: Engine, stream_ids: list[int]) -> dict[str, dict]:
+    """Load model and optimizer in place through the engine; return the data state of `stream_ids`."""
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    _dcp(dcp.load, state, path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    engine.load(path)
     data_state = {}
     for sid in stream_ids:
         f = path / "data" / f"stream_{sid}.json"

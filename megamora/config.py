@@ -108,6 +108,11 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    engine: str = "fsdp2"  # fsdp2 | deepspeed (megamora.engines)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 1 | 2 | 3 (ignored by fsdp2)
+    # A DeepSpeed JSON file whose keys override the config generated from this run's settings
+    # (offload, bucket sizes...); nested sections merge key by key.
+    deepspeed_config: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
     param_dtype: str = "float32"  # compute dtype of the sharded params: float32 | bfloat16
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
@@ -145,12 +150,22 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each rank: global = micro x world size x accumulation."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size x "
+                             f"world size = {self.micro_batch_size} x {world_size}")
+        return self.global_batch_size // per_step
+
 
 _CHOICES = {
     "adapter.kind": ("none", "lora", "mora"),
     "adapter.r_hat_rule": ("round", "floor"),
     "restarts.optimizer_reset": ("delete", "random_prune", "magnitude_prune"),
     "restarts.lr": ("restart_warmup", "jagged_cosine"),
+    "parallel.engine": ("fsdp2", "deepspeed"),
+    "parallel.zero_stage": (1, 2, 3),
     "parallel.device": ("auto", "cpu", "cuda"),
     "parallel.param_dtype": ("float32", "bfloat16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),

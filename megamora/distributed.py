@@ -1,5 +1,5 @@
-"""Process group, device and FSDP2 sharding: everything that differs between a GPU cluster and a CPU box
-is decided here, once, at start-up."""
+"""Process group and device: everything that differs between a GPU cluster and a CPU box is decided
+here, once, at start-up. How the model is sharded is the engine's (megamora.engines)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from megamora.config import ParallelConfig
 
@@ -28,9 +27,9 @@ class DistInfo:
         return self.rank == 0
 
     @property
-    def sharded(self) -> bool:
-        """True when the model is wrapped with FSDP2 (any torchrun launch, even with one rank)."""
-        return dist.is_available() and dist.is_initialized()
+    def launched(self) -> bool:
+        """True under a launcher (torchrun, deepspeed, srun via torchrun): RANK is set."""
+        return "RANK" in os.environ
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -42,21 +41,33 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
-    """Join the torchrun process group if launched by torchrun (NCCL on CUDA, gloo on CPU); a plain
-    `python launch/pretrain.py` runs as one process with no group at all."""
-    if "RANK" not in os.environ:
+    """Join the process group of a torchrun or deepspeed launch (NCCL on CUDA, gloo on CPU). A plain
+    `python launch/pretrain.py` runs as one process with no group at all, except under DeepSpeed,
+    which always needs one: it gets a group of one."""
+    launched = "RANK" in os.environ
+    if not launched and cfg.engine != "deepspeed":
         return DistInfo(0, 1, 0, pick_device(cfg.device))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        device_id = device if device.type == "cuda" else None
+        if launched:
+            dist.init_process_group(backend=backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend=backend, device_id=device_id, rank=0, world_size=1,
+                                    store=dist.HashStore())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def process_group_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def destroy_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if process_group_active():
         dist.destroy_process_group()
 
 
@@ -71,17 +82,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
-
-
-def shard_model(model: nn.Module, cfg: ParallelConfig) -> nn.Module:
-    """FSDP2: fully_shard every transformer block, then the root (embeddings, final norm, head).
-    Parameters are kept in fp32; `param_dtype` is the compute dtype of the unsharded copies and
-    `reduce_dtype` the dtype of the gradient reduce-scatter."""
-    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:

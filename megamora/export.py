@@ -1,18 +1,22 @@
 """A run directory -> the trained model as a plain Llama (adapters merged), and its initial weights.
 
 This is what the tools build on: merging a checkpoint, dW analysis, perplexity and HF export. Loads
-in one process without a process group, whatever the number of ranks that saved the checkpoint."""
+in one process without a process group, whatever the engine and number of ranks that saved it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from megamora.adapters import apply_adapters, merge_adapters
-from megamora.checkpoint import _dcp, latest_checkpoint, load_base_weights, read_trainer_state, resolve_checkpoint
+from megamora.checkpoint import (
+    latest_checkpoint,
+    load_base_weights,
+    load_model_weights,
+    read_trainer_state,
+    resolve_checkpoint,
+)
 from megamora.config import TrainConfig, load_config
 from megamora.model import Llama, build_model, initial_state_dict, init_weights
 
@@ -39,9 +43,7 @@ def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None)
         from megamora.restarts import Restarts
 
         Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps).load_state_dict(state["restarts"], model)
-    model_sd = get_model_state_dict(model)
-    _dcp(dcp.load, {"model": model_sd}, checkpoint)
-    set_model_state_dict(model, model_sd)
+    load_model_weights(checkpoint, model)
     return cfg, merge_adapters(model)
 
 

@@ -7,19 +7,15 @@ adapters swapped in, be sharded, and only then be given values by `init_weights`
 
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from megamora.config import ModelConfig
-
-InitFn = Callable[[torch.Tensor, torch.Generator], None]
+from megamora.engines.tensors import InitFn, seeded_fill_
 
 
 class RMSNorm(nn.Module):
@@ -147,24 +143,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Initialisation: every parameter is drawn in full from a generator seeded by (seed, its name), so
-# the weights are identical for any world size and any sharding, and independent of module order.
-
-
-def _seed_for(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
-
-
-@torch.no_grad()
-def seeded_fill_(param: torch.Tensor, fill: InitFn, seed: int, key: str) -> None:
-    """Fill `param` (plain or a sharded DTensor) with `fill` applied to the full tensor, drawn from a
-    generator seeded by (seed, key): the values never depend on how the tensor is sharded."""
-    full = torch.empty(param.shape, dtype=torch.float32)
-    fill(full, torch.Generator().manual_seed(_seed_for(seed, key)))
-    if isinstance(param, DTensor):
-        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        param.to_local().copy_(local)
-    else:
-        param.copy_(full)
+# the weights are identical for any world size and any sharding, and independent of module order
+# (seeded_fill_ in megamora.engines.tensors).
 
 
 def normal_init(std: float) -> InitFn:

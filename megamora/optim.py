@@ -21,9 +21,9 @@ from functools import partial
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from megamora.config import OptimConfig, RestartConfig
+from megamora.engines.tensors import optimizer_state, reset_step_, set_optimizer_state_
 
 RESET_STRATEGIES = ("delete", "random_prune", "magnitude_prune")
 RESTART_LR_SCHEDULES = ("restart_warmup", "jagged_cosine")
@@ -40,15 +40,26 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (plain or FSDP2 DTensors), in a decay and a no-decay group."""
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters (plain or sharded), in named groups: the adapters' own
+    (weight-decayed; a restart resets its step count, which DeepSpeed keeps per group), the other
+    decayed parameters, and the no-decay ones. Empty groups are left out."""
+    from megamora.adapters import iter_adapters
+
+    adapter_ids = {id(p) for _, layer in iter_adapters(model)
+                   for name, p in layer.named_parameters() if not name.startswith("base.")}
+    adapters, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if id(param) in adapter_ids:
+            adapters.append(param)
+        else:
             (no_decay if _no_decay(name, param) else decay).append(param)
-    if not decay and not no_decay:
+    if not (adapters or decay or no_decay):
         raise ValueError("build_optimizer: the model has no parameter with requires_grad=True")
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [g for g in ({"name": "adapters", "params": adapters, "weight_decay": cfg.weight_decay},
+                          {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
+                          {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}) if g["params"]]
     on_cuda = all(p.device.type == "cuda" for g in groups for p in g["params"])
     return torch.optim.AdamW(
         groups,
@@ -167,37 +178,20 @@ def build_scheduler(
 # Optimizer reset at a restart
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The piece of a full-shape tensor that `like` (plain or DTensor) holds on this rank."""
-    if isinstance(like, DTensor):
-        full = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
-    return full.to(_local(like).device)
-
-
 @torch.no_grad()
-def _random_prune_(t: torch.Tensor, ratio: float, generator: torch.Generator | None) -> None:
-    # The mask is drawn on the full shape so it is the same for any world size (given the same
-    # generator state on every rank); each rank then keeps its own slice.
-    device = generator.device if generator is not None else torch.device("cpu")
-    keep = torch.rand(t.shape, generator=generator, device=device) >= ratio
-    _local(t).mul_(_local_part(keep, t))
-
-
-@torch.no_grad()
-def _magnitude_prune_(t: torch.Tensor, ratio: float) -> None:
-    # Zero the k = round(ratio * numel) smallest magnitudes of the full tensor (ties at the
-    # threshold are zeroed too). full_tensor() is a collective, so every rank must call this.
-    k = round(ratio * t.numel())
+def _pruned(moment: torch.Tensor, strategy: str, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    """A full moment tensor after pruning. random_prune draws its mask on the full shape, so it is the
+    same for any world size; magnitude_prune zeroes the k = round(ratio * numel) smallest
+    magnitudes (ties at the threshold too)."""
+    if strategy == "random_prune":
+        device = generator.device if generator is not None else torch.device("cpu")
+        keep = torch.rand(moment.shape, generator=generator, device=device) >= ratio
+        return moment * keep.to(moment.device)
+    k = round(ratio * moment.numel())
     if k == 0:
-        return
-    mag = (t.full_tensor() if isinstance(t, DTensor) else t).abs().float().flatten()
-    threshold = mag.kthvalue(k).values
-    local = _local(t)
-    local.mul_(local.abs().float() > threshold.to(local.device))
+        return moment
+    threshold = moment.abs().float().flatten().kthvalue(k).values
+    return moment * (moment.abs().float() > threshold)
 
 
 def reset_optimizer_state(
@@ -208,6 +202,7 @@ def reset_optimizer_state(
     generator: torch.Generator | None = None,
 ) -> None:
     """Reset the AdamW state of `params` only (the adapter parameters); other state is untouched.
+    Works on the full tensors of any engine (megamora.engines.tensors): collective when sharded.
 
     delete:          forget the state (moments and step: bias correction restarts). It is reset in place
                      to exactly what AdamW builds for a parameter without state (step 0, zero moments),
@@ -219,19 +214,13 @@ def reset_optimizer_state(
         raise ValueError(f"optimizer reset strategy={strategy!r} is not one of {list(RESET_STRATEGIES)}")
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"optimizer reset ratio={ratio} must be in [0, 1]")
+    params = list(params)
     for p in params:
-        if p not in optimizer.state:  # no step taken yet: nothing to reset
-            continue
-        state = optimizer.state[p]
-        if strategy == "delete":
-            for value in state.values():
-                if torch.is_tensor(value):
-                    _local(value).zero_()
-            continue
         for key in _MOMENT_KEYS:
-            if key not in state:
+            moment = optimizer_state(optimizer, p, key)  # the full tensor; None before the first step
+            if moment is None:
                 continue
-            if strategy == "random_prune":
-                _random_prune_(state[key], ratio, generator)
-            else:
-                _magnitude_prune_(state[key], ratio)
+            new = torch.zeros_like(moment) if strategy == "delete" else _pruned(moment, strategy, ratio, generator)
+            set_optimizer_state_(optimizer, p, key, new)
+    if strategy == "delete":
+        reset_step_(optimizer, params)

@@ -14,7 +14,7 @@ from torch import nn
 
 from megamora.adapters import MoRALinear, iter_adapters
 from megamora.config import AdapterConfig, RestartConfig
-from megamora.model import _seed_for
+from megamora.engines.tensors import seed_for
 from megamora.optim import reset_optimizer_state
 
 
@@ -48,7 +48,7 @@ class Restarts:
                 module.merge_and_reinit(next_type=next_type, seed=self.seed, key=key)
             else:
                 module.merge_and_reinit(seed=self.seed, key=key)
-        generator = torch.Generator().manual_seed(_seed_for(self.seed, f"optimizer-reset@{step}"))
+        generator = torch.Generator().manual_seed(seed_for(self.seed, f"optimizer-reset@{step}"))
         reset_optimizer_state(optimizer, adapter_parameters(model), self.cfg.optimizer_reset,
                               self.cfg.prune_ratio, generator=generator)
         self.count += 1

@@ -20,7 +20,14 @@ from megamora.checkpoint import (
 )
 from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
 from megamora.data import build_train_loader, check_data_source, validation_batches
-from megamora.distributed import DistInfo, init_distributed, set_activation_checkpointing, shard_model
+from megamora.distributed import (
+    DistInfo,
+    destroy_distributed,
+    init_distributed,
+    process_group_active,
+    set_activation_checkpointing,
+)
+from megamora.engines import build_engine, check_engine
 from megamora.metrics import MetricsLogger
 from megamora.model import build_model, flops_per_token, materialize
 from megamora.optim import build_optimizer
@@ -42,17 +49,32 @@ def check_inputs(cfg: TrainConfig, dist: DistInfo):
     """Everything that can be wrong with the inputs, checked before any compute or file write;
     raised as one-line ConfigErrors."""
     try:
+        check_engine(cfg)
         grad_accum_steps(cfg, dist.world_size)
         check_data_source(cfg.data)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.warm_start:
             resolve_checkpoint(cfg.warm_start)
+        check_resume(cfg, dist)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size})")
     return tokenizer
+
+
+def check_resume(cfg: TrainConfig, dist: DistInfo) -> None:
+    """A run directory's newest checkpoint must be loadable by this run's engine and data split."""
+    ckpt = latest_checkpoint(cfg.run_dir)
+    if ckpt is None:
+        return
+    state = read_trainer_state(ckpt)
+    build_engine(cfg, dist).check_resume(state, ckpt)
+    streams = grad_accum_steps(cfg, dist.world_size) * dist.world_size
+    if state["num_streams"] != streams:
+        raise ValueError(f"{ckpt} was saved with {state['num_streams']} data streams; this run has {streams} "
+                         "(keep global_batch_size / micro_batch_size unchanged)")
 
 
 def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) -> tuple[Trainer, Path | None]:
@@ -62,15 +84,15 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
 
+    engine = build_engine(cfg, dist)
     model = build_model(cfg.model, device="meta")
     summary = adapters.apply_adapters(model, cfg.adapter)
     set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
-    if dist.sharded:
-        shard_model(model, cfg.parallel)
+    engine.shard(model)
     materialize(model, dist.device, cfg.seed, cfg.model.init_std)
     if cfg.warm_start and latest_checkpoint(run_dir) is None:
         load_base_weights(resolve_checkpoint(cfg.warm_start), model)
-    optimizer = build_optimizer(model, cfg.optim)
+    engine.setup(model, build_optimizer(model, cfg.optim))
 
     accum = grad_accum_steps(cfg, dist.world_size)
     stream_ids = [a * dist.world_size + dist.rank for a in range(accum)]
@@ -85,34 +107,37 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
 
         restarts = Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps)
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.wandb_mode, cfg.logging.wandb_project, to_dict(cfg))
-    trainer = Trainer(cfg, model, optimizer, loader, validation, dist, metrics,
+    trainer = Trainer(cfg, engine, loader, validation, dist, metrics,
                       flops_per_token(cfg.model, cfg.data.seq_len), run_dir, restarts)
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         state = read_trainer_state(ckpt)
-        if state["num_streams"] != accum * dist.world_size:
-            raise ConfigError(f"{ckpt} was saved with {state['num_streams']} data streams; this run has "
-                              f"{accum * dist.world_size} (keep global_batch_size / micro_batch_size unchanged)")
         if restarts is not None:  # layers must be on the operator type they were saved with
-            restarts.load_state_dict(state["restarts"], model)
-        loader.load_state_dict(load_checkpoint(ckpt, model, optimizer, stream_ids))
+            restarts.load_state_dict(state["restarts"], engine.module)
+        loader.load_state_dict(load_checkpoint(ckpt, engine, stream_ids))
         trainer.step = state["step"]
     metrics.log(trainer.step, {
-        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device), **summary, "resumed_from": str(ckpt) if ckpt else None,
+        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device), **engine.checkpoint_info(),
+        **summary, "resumed_from": str(ckpt) if ckpt else None,
     }, kind="setup")
     return trainer, ckpt
 
 
 def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
     """Train (or resume) the run described by `cfg` to `cfg.steps`. Works with or without torchrun."""
+    had_group = process_group_active()
     dist = init_distributed(cfg.parallel)
-    trainer, ckpt = build_trainer(cfg, dist)
-    show = progress_bar and dist.is_main
     try:
-        with logging_redirect_tqdm(), tqdm(total=cfg.steps, initial=trainer.step, desc="train",
-                                           dynamic_ncols=True, disable=not show) as progress:
-            final_eval = trainer.fit(progress)
+        trainer, ckpt = build_trainer(cfg, dist)
+        show = progress_bar and dist.is_main
+        try:
+            with logging_redirect_tqdm(), tqdm(total=cfg.steps, initial=trainer.step, desc="train",
+                                               dynamic_ncols=True, disable=not show) as progress:
+                final_eval = trainer.fit(progress)
+        finally:
+            trainer.metrics.close()
     finally:
-        trainer.metrics.close()
+        if not had_group and not dist.launched:  # the group of one this call made (DeepSpeed)
+            destroy_distributed()
     return RunResult(Path(cfg.run_dir), trainer.losses, final_eval, ckpt)

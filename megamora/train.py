@@ -1,5 +1,6 @@
-"""The Trainer: forward/backward with gradient accumulation, clipping, the optimizer step, and the
-things that happen every N steps (log, restart, eval, save). Everything is built elsewhere."""
+"""The Trainer: the loop over micro-batches and optimizer steps, and the things that happen every N
+steps (log, restart, eval, save). How forward, backward, clipping, the step and checkpoints run on
+the chosen parallelism is the engine's (megamora.engines); everything is built elsewhere."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from megamora.checkpoint import save_checkpoint
 from megamora.config import TrainConfig
 from megamora.distributed import DistInfo, all_reduce_sum
+from megamora.engines import Engine
 from megamora.evaluate import evaluate_loss, perplexity
 from megamora.metrics import MetricsLogger, Throughput, peak_memory_gib
 from megamora.optim import lr_at
@@ -27,7 +28,7 @@ class RestartHook(Protocol):
 
     def due(self, step: int) -> bool: ...
 
-    def apply(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]: ...
+    def apply(self, step: int, model: nn.Module, optimizer: Any) -> dict[str, Any]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -40,29 +41,13 @@ def micro_batch_seed(seed: int, step: int, stream_id: int) -> int:
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    per_step = cfg.micro_batch_size * world_size
-    if cfg.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size x world "
-                         f"size = {cfg.micro_batch_size} x {world_size}")
-    return cfg.global_batch_size // per_step
-
-
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global grad norm over (possibly sharded) parameters; clips in place when max_norm > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(total, DTensor):  # FSDP2: reduce the per-shard norms into the global one
-        total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total.item()
+    return cfg.grad_accum_steps(world_size)
 
 
 @dataclass
 class Trainer:
     cfg: TrainConfig
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    engine: Engine  # owns the model and optimizer
     loader: Any  # megamora.data.TrainLoader
     validation: torch.Tensor  # (n_seq, seq_len + 1)
     dist: DistInfo
@@ -74,7 +59,6 @@ class Trainer:
 
     def __post_init__(self):
         self.accum = grad_accum_steps(self.cfg, self.dist.world_size)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.losses: list[float] = []  # global mean loss of every step this process ran
 
     def stream_id(self, micro_step: int) -> int:
@@ -83,8 +67,7 @@ class Trainer:
     def set_lr(self) -> float:
         lr = self.cfg.optim.lr * lr_at(self.step, total_steps=self.cfg.steps, cfg=self.cfg.optim,
                                        restarts=self.cfg.restarts if self.cfg.restarts.every else None)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.engine.set_lr(lr)
         return lr
 
     def train_step(self) -> tuple[float, float]:
@@ -93,31 +76,21 @@ class Trainer:
         for a in range(self.accum):
             batch = self.loader.next_batch(self.stream_id(a)).to(self.dist.device, non_blocking=True)
             torch.manual_seed(micro_batch_seed(self.cfg.seed, self.step, self.stream_id(a)))
-            if self.dist.sharded:  # reduce-scatter gradients only after the last micro-batch
-                self.model.set_requires_gradient_sync(a == self.accum - 1)
-            with self._autocast():
-                logits = self.model(batch[:, :-1])
+            with self.engine.autocast():
+                logits = self.engine(batch[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-            (loss / self.accum).backward()
+            self.engine.backward(loss, last_micro_batch=a == self.accum - 1)
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step()
         (total,) = all_reduce_sum([float(loss_sum)], self.dist.device)
         return total / (self.accum * self.dist.world_size), grad_norm
-
-    def _autocast(self):
-        # Without FSDP (one process, no torchrun), bf16 compute comes from autocast instead of the
-        # FSDP2 mixed-precision policy.
-        bf16 = self.cfg.parallel.param_dtype == "bfloat16" and not self.dist.sharded
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def evaluate(self, num_tokens: int | None = None) -> dict[str, float]:
         seqs = self.validation
         if num_tokens is not None:
             seqs = seqs[: max(1, num_tokens // (seqs.shape[1] - 1))]
-        with self._autocast():
-            loss, tokens = evaluate_loss(self.model, seqs, self.cfg.micro_batch_size, self.dist.rank,
+        with self.engine.autocast():
+            loss, tokens = evaluate_loss(self.engine.model, seqs, self.cfg.micro_batch_size, self.dist.rank,
                                          self.dist.world_size, self.dist.device)
         return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
 
@@ -125,7 +98,7 @@ class Trainer:
         state = {"num_streams": self.accum * self.dist.world_size}
         if self.restarts is not None:
             state["restarts"] = self.restarts.state_dict()
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+        return save_checkpoint(self.run_dir, self.step, self.engine, state,
                                self.loader.state_dict(), self.cfg.keep_last, self.dist.is_main)
 
     def fit(self, progress=None) -> dict[str, float]:
@@ -150,7 +123,7 @@ class Trainer:
                                              "peak_memory_gib": peak_memory_gib(self.dist.device),
                                              "data": self.loader.stats()})
             if self.restarts is not None and self.restarts.due(self.step):
-                event = self.restarts.apply(self.step, self.model, self.optimizer)
+                event = self.restarts.apply(self.step, self.engine.module, self.engine.optimizer)
                 self.metrics.log(self.step, event, kind="restart")
             final = self.step == cfg.steps
             if final or (cfg.eval_every and self.step % cfg.eval_every == 0):

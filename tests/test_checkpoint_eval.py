@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from megamora.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from megamora.config import TrainConfig
+from megamora.distributed import DistInfo
+from megamora.engines.fsdp2 import FSDP2Engine
 from megamora.config import ModelConfig
 from megamora.evaluate import evaluate_loss
 from megamora.model import build_model, init_weights, initial_state_dict
@@ -48,9 +51,10 @@ def test_rank_slices_cover_every_sequence_once():
 
 def test_keep_last_and_unfinished_saves_are_ignored(tmp_path):
     model = tiny_model()
-    opt = torch.optim.AdamW(model.parameters())
+    engine = FSDP2Engine(TrainConfig(run_dir=str(tmp_path)), DistInfo(0, 1, 0, torch.device("cpu")))
+    engine.setup(model, torch.optim.AdamW(model.parameters()))
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, opt, {"num_streams": 1}, {"0": {"x": step}}, keep_last=2, is_main=True)
+        save_checkpoint(tmp_path, step, engine, {"num_streams": 1}, {"0": {"x": step}}, keep_last=2, is_main=True)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     # a save that died half-way leaves only a .tmp directory, which is never taken as the latest
     (tmp_path / "checkpoints" / ".tmp-step_00000004").mkdir()

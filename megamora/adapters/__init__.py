@@ -15,14 +15,9 @@ import torch
 from torch import nn
 
 from megamora.adapters.lora import LoRALinear
-from megamora.adapters.mora import (
-    MORA_TYPES,
-    MoRALinear,
-    add_into_param_,
-    canonical_mora_type,
-    mora_r_hat,
-)
+from megamora.adapters.mora import MORA_TYPES, MoRALinear, canonical_mora_type, mora_r_hat
 from megamora.config import AdapterConfig
+from megamora.engines.tensors import add_full_
 from megamora.model import RMSNorm, count_parameters
 
 __all__ = [
@@ -124,9 +119,9 @@ def describe_adapters(model: nn.Module) -> dict[str, Any]:
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter's exact dW into its base weight and put the base nn.Linear back in its
     place: the result is a plain Llama computing the same function (in place; returned). Works on
-    an FSDP2-sharded model too (every rank must call it; the adapters' M / A / B are gathered)."""
+    a sharded model too (every rank must call it; the adapters' M / A / B are gathered)."""
     for name, layer in list(iter_adapters(model)):
-        add_into_param_(layer.base.weight, layer.delta_weight())
+        add_full_(layer.base.weight, layer.delta_weight())
         if not name:
             return layer.base
         parent_name, _, child = name.rpartition(".")

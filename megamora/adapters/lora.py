@@ -9,11 +9,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
-
 from megamora.adapters.base import AdapterLinear
-from megamora.adapters.mora import _full, add_into_param_
-from megamora.model import InitFn, kaiming_uniform_init, seeded_fill_, zeros_init
+from megamora.engines.tensors import add_full_, full_tensor, seeded_fill_, set_full_
+from megamora.model import InitFn, kaiming_uniform_init, zeros_init
 
 
 class LoRALinear(AdapterLinear):
@@ -43,16 +41,16 @@ class LoRALinear(AdapterLinear):
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """(out, in) fp32: scale * B A. With sharded factors every rank must call this (all-gather)."""
-        return (_full(self.lora_B).float() @ _full(self.lora_A).float()) * self.scale
+        """(out, in) fp32: scale * B A. With sharded factors every rank must call this (a gather)."""
+        return (full_tensor(self.lora_B).float() @ full_tensor(self.lora_A).float()) * self.scale
 
     @torch.no_grad()
     def merge_and_reinit(self, seed: int = 0, key: str = "") -> None:
         """ReLoRA restart: W0 += scale B A; A = kaiming_uniform(a=sqrt(5)) drawn from (seed, key),
         the same values for any world size; B = 0. Every rank must call it when sharded."""
-        add_into_param_(self.base.weight, self.delta_weight())
+        add_full_(self.base.weight, self.delta_weight())
         seeded_fill_(self.lora_A, kaiming_uniform_init, seed, key)
-        (self.lora_B.to_local() if isinstance(self.lora_B, DTensor) else self.lora_B).zero_()
+        set_full_(self.lora_B, torch.zeros(self.out_features, self.r))
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"

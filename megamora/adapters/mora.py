@@ -34,9 +34,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
-
 from megamora.adapters.base import AdapterLinear
+from megamora.engines.tensors import add_full_, full_tensor, set_full_
 from megamora.model import InitFn, zeros_init
 
 # ---------------------------------------------------------------------------------------------
@@ -464,23 +463,6 @@ class _MoRAFunction(torch.autograd.Function):
         return grad_x, grad_xd, grad_M.to(M.dtype), None, None, grad_w, grad_b, None
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (all-gathers an FSDP2 shard: every rank must call this together)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
-
-
-@torch.no_grad()
-def add_into_param_(param: torch.Tensor, full_update: torch.Tensor) -> None:
-    """param += full_update for a plain or sharded parameter (each rank adds its own slice)."""
-    if isinstance(param, DTensor):
-        local = distribute_tensor(full_update.to(param.device), param.device_mesh, param.placements,
-                                  src_data_rank=None).to_local()
-        shard = param.to_local()
-        shard.copy_((shard.float() + local.float()).to(shard.dtype))
-    else:
-        param.copy_((param.float() + full_update.to(param.device).float()).to(param.dtype))
-
-
 class MoRALinear(AdapterLinear):
     """A frozen nn.Linear (`base`) plus MoRA's square matrix `M` (r_hat x r_hat, zero at start)."""
 
@@ -529,8 +511,8 @@ class MoRALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         """The exact (out, in) fp32 dW of the current adapter: the adapter path applied to the
         identity (the forward's own operators, so a merge is exact by construction; cost about
-        one forward over `in` tokens). With a sharded M every rank must call this (all-gather)."""
-        M = _full(self.M).float()
+        one forward over `in` tokens). With a sharded M every rank must call this (a gather)."""
+        M = full_tensor(self.M).float()
         eye = torch.eye(self.in_features, device=M.device, dtype=torch.float32)
         out = eye.new_zeros(self.in_features, self.out_features)
         _adapter_forward(eye, M, self.rot_cos, self.rot_sin, self.geometry, out)
@@ -553,14 +535,14 @@ class MoRALinear(AdapterLinear):
     @torch.no_grad()
     def merge_and_reinit(self, next_type: int | str | None = None, seed: int = 0, key: str = "") -> None:
         """Fold the exact dW into the frozen base weight, zero M and (optionally) switch type.
-        Works on FSDP2-sharded parameters outside forward; every rank must call it. A switch that
+        Works on sharded parameters (any engine) outside forward; every rank must call it. A switch that
         would change r_hat (to or from rotation / decouple when the rounded r_hat is odd) raises a
         ValueError before anything changes; the ReMoRA cycle 1-2-3-4 never changes it. `seed` and
         `key` are accepted for symmetry with LoRALinear (M restarts at zero, nothing is drawn)."""
         if next_type is not None:  # validate before touching any weight
             self._check_switch(next_type)
-        add_into_param_(self.base.weight, self.delta_weight())
-        (self.M.to_local() if isinstance(self.M, DTensor) else self.M).zero_()
+        add_full_(self.base.weight, self.delta_weight())
+        set_full_(self.M, torch.zeros(self.r_hat, self.r_hat))
         if next_type is not None:
             self.set_type(next_type)
 
