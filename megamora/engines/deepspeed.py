@@ -213,15 +213,20 @@ class ZeroAccess:
     @staticmethod
     @torch.no_grad()
     def set_full_(t: torch.Tensor, value: torch.Tensor) -> None:
-        import deepspeed
         import torch.distributed as dist
         from deepspeed.utils import safe_set_full_fp32_param
 
         value = value.reshape(ZeroAccess.shape(t))
-        if hasattr(t, "ds_id"):  # gather, let rank 0 write, re-partition from rank 0's copy
-            with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
-                if dist.get_rank() == 0:
-                    t.data.copy_(value)
+        if hasattr(t, "ds_id"):
+            # Write this rank's slice of the partition in place. (GatheredParameters(modifier_rank=0)
+            # would leave the partition of a "persistent" small parameter stale: the next step's
+            # re-gather would silently undo the write.)
+            part = t.ds_tensor
+            start = part.ds_numel * dist.get_rank(group=t.ds_process_group)
+            mine = value.reshape(-1)[start:start + part.ds_numel]
+            part.data[: mine.numel()].copy_(mine)
+            if t.data.numel() == t.ds_numel:  # currently gathered (persistent): the full copy too
+                t.data.copy_(value)
         else:
             t.data.copy_(value)
         if t.requires_grad:
@@ -237,17 +242,27 @@ class ZeroAccess:
         return set(next(iter(states), {}))
 
     @staticmethod
+    def _link_state(optimizer) -> None:
+        # ZeRO-1/2 link each parameter to its slice of the flat optimizer state after the first
+        # step of the *first* group only, leaving the other groups' parameters unlinked: link all.
+        if hasattr(optimizer, "_hp_optimizer_states_linked"):
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+
+    @staticmethod
     def optimizer_state(optimizer, param, key: str) -> Optional[torch.Tensor]:
         from deepspeed.utils import safe_get_full_optimizer_state
 
         if key not in ZeroAccess._keys(optimizer):
             return None
+        ZeroAccess._link_state(optimizer)
         return safe_get_full_optimizer_state(param, key).reshape(ZeroAccess.shape(param))
 
     @staticmethod
     def set_optimizer_state_(optimizer, param, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        ZeroAccess._link_state(optimizer)
         safe_set_full_optimizer_state(param, value.to(torch.float32).reshape(ZeroAccess.shape(param)), key)
 
     @staticmethod
@@ -265,12 +280,21 @@ class ZeroAccess:
             if hits != len(members):
                 raise ValueError(f"optimizer group {group.get('name', group_index)!r} mixes the parameters whose step "
                                  "is reset with others: DeepSpeed keeps one step count per group")
-            for flat in group["params"]:
+            for flat in _group_partitions(optimizer, group_index):
                 step = inner.state.get(flat, {}).get("step")
                 if torch.is_tensor(step):
                     step.zero_()
                 elif step is not None:
                     inner.state[flat]["step"] = 0
+
+
+def _group_partitions(optimizer, group_index: int) -> list[torch.Tensor]:
+    """The flat fp32 partitions (the optimizer's own parameters) of one optimizer group. ZeRO-3
+    puts them into the group only for the duration of its step."""
+    if hasattr(optimizer, "bit16_groups"):  # stage 1 / 2
+        return [optimizer.single_partition_of_fp32_groups[group_index]]
+    return [flat for sub, flat in enumerate(optimizer.fp32_partitioned_groups_flat)
+            if optimizer.sub_group_to_group_id[sub] == group_index]
 
 
 def _group_members(optimizer, group_index: int) -> list[torch.Tensor]:
