@@ -57,6 +57,7 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
         if launched:
             dist.init_process_group(backend=backend, device_id=device_id)
         else:
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it even for one process
             dist.init_process_group(backend=backend, device_id=device_id, rank=0, world_size=1,
                                     store=dist.HashStore())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)

@@ -22,12 +22,11 @@ from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
 from megamora.data import build_train_loader, check_data_source, validation_batches
 from megamora.distributed import (
     DistInfo,
-    destroy_distributed,
     init_distributed,
     process_group_active,
     set_activation_checkpointing,
 )
-from megamora.engines import build_engine, check_engine
+from megamora.engines import build_engine, check_engine, engine_class
 from megamora.metrics import MetricsLogger
 from megamora.model import build_model, flops_per_token, materialize
 from megamora.optim import build_optimizer
@@ -138,6 +137,6 @@ def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
         finally:
             trainer.metrics.close()
     finally:
-        if not had_group and not dist.launched:  # the group of one this call made (DeepSpeed)
-            destroy_distributed()
+        if not had_group and not dist.launched and process_group_active():  # the group of one made above
+            engine_class(cfg.parallel.engine).destroy_process_group()
     return RunResult(Path(cfg.run_dir), trainer.losses, final_eval, ckpt)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from megamora.config import TrainConfig
-from megamora.distributed import DTYPES, DistInfo
+from megamora.distributed import DTYPES, DistInfo, destroy_distributed
 
 
 class Engine(ABC):
@@ -74,6 +74,11 @@ class Engine(ABC):
     def read_model(path: Path, model: nn.Module) -> None:
         """Load the model weights of checkpoint `path` into a plain, unsharded `model` in one
         process without a process group (what the tools and warm starts use)."""
+
+    @classmethod
+    def destroy_process_group(cls) -> None:
+        """Tear down the process group (and whatever the engine keeps about it)."""
+        destroy_distributed()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

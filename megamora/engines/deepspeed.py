@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,6 +106,12 @@ class DeepSpeedEngine(Engine):
         require_deepspeed()
         read_override_file(cfg.parallel.deepspeed_config)
 
+    @classmethod
+    def destroy_process_group(cls) -> None:
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+
     def shard(self, model: nn.Module) -> None:
         pass  # deepspeed.initialize partitions the materialised model (ZeRO-3) in setup()
 
@@ -152,18 +159,21 @@ class DeepSpeedEngine(Engine):
         require_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with weights_only_torch_load(), contextlib.redirect_stdout(None):
+        quiet = open(os.devnull, "w")  # its progress bars and prints
+        with weights_only_torch_load(), quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
         model.load_state_dict(state, strict=True)
 
 
 @functools.cache
 def _safe_globals() -> list:
-    """Non-tensor types DeepSpeed pickles into its checkpoints: plain enums and its loss scaler."""
+    """Non-tensor types DeepSpeed pickles into its checkpoints: an enum, a fragment address (a
+    named tuple) and its loss scaler (plain attributes)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager
