@@ -11,6 +11,8 @@ export MEGAMORA_DATA ?= $(abspath $(SHARED)/data)
 export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
+# DeepSpeed JIT-builds a communication op on first use (about 30 s on CPU): keep it in the venv.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: install demo test bench clean
 
@@ -19,7 +21,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[test]"
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "$(TORCH_PIN)" -e ".[test,deepspeed]"
 	touch $@
 
 demo: install
