@@ -125,6 +125,10 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
 
 def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
     """Train (or resume) the run described by `cfg` to `cfg.steps`. Works with or without torchrun."""
+    try:  # before a process group exists (DeepSpeed makes one even for one process)
+        check_engine(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     had_group = process_group_active()
     dist = init_distributed(cfg.parallel)
     try:

@@ -21,8 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
+import logging
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,11 +47,22 @@ _OWNED_KEYS = {
 }
 
 
+@functools.cache
 def require_deepspeed():
+    """Import DeepSpeed quietly, its logger moved to stderr (it logs to stdout, where the tools print
+    their results) at WARNING level (the project logs its own set-up)."""
+    chatter = io.StringIO()  # e.g. "Setting accelerator to CPU", printed at import
     try:
-        import deepspeed
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            import deepspeed
     except ImportError as e:
         raise ValueError(f"parallel.engine=deepspeed needs DeepSpeed, which is not installed ({e}): {INSTALL_HINT}") from None
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    for handler in deepspeed.utils.logger.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
+    # DeepSpeed still calls collectives that torch deprecates, warning on every call site
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     return deepspeed
 
 
@@ -108,9 +123,11 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def destroy_process_group(cls) -> None:
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        comm = sys.modules.get("deepspeed.comm")  # None: DeepSpeed was never imported
+        if comm is not None and comm.is_initialized():
+            comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+        else:  # failed before deepspeed.initialize
+            super().destroy_process_group()
 
     def shard(self, model: nn.Module) -> None:
         pass  # deepspeed.initialize partitions the materialised model (ZeRO-3) in setup()

@@ -1,0 +1,314 @@
+"""DeepSpeed ZeRO 1/2/3 behind the engine seam, on 2 gloo ranks: the losses of FSDP2 step by step,
+restarts that leave no stale fp32 master copy, bitwise resume, the tools on a DeepSpeed run
+directory, and bad input as one line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from megamora.config import ConfigError, load_config
+from megamora.engines.deepspeed import deepspeed_config
+from megamora.export import load_merged_model
+from megamora.hf import to_hf_names
+from megamora.metrics import read_metrics
+from test_train import REPO, crash_after_first_checkpoint, launch, losses, run_in_process, tiny_overrides
+
+DS = ["parallel.engine=deepspeed"]
+KINDS = {"full": [], "lora": ["adapter.kind=lora", "adapter.r=4"], "mora": ["adapter.kind=mora", "adapter.r=4"]}
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def runs(shared_data, tmp_path_factory):
+    """10 steps of each adapter kind on 2 ranks: FSDP2 and ZeRO-1/2/3 (same config and data)."""
+    root = tmp_path_factory.mktemp("engines")
+    dirs = {}
+    for kind, extra in KINDS.items():
+        for engine in ("fsdp2", "1", "2", "3"):
+            run_dir = root / f"{kind}-{engine}"
+            ds = [] if engine == "fsdp2" else [*DS, f"parallel.zero_stage={engine}"]
+            launch(tiny_overrides(shared_data, run_dir, f"steps={STEPS}", "save_every=5", *extra, *ds), nproc=2)
+            dirs[kind, engine] = run_dir
+    return dirs
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_losses_equal_fsdp2(runs, kind, stage):
+    want, got = losses(runs[kind, "fsdp2"]), losses(runs[kind, stage])
+    assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    setup = read_metrics(runs[kind, stage], "setup")[0]
+    assert setup["engine"] == "deepspeed" and setup["zero_stage"] == int(stage) and setup["world_size"] == 2
+
+
+def _tool(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("kind,stage", [("lora", "3"), ("mora", "2")])
+def test_tools_read_a_deepspeed_run_as_an_fsdp2_one(runs, tmp_path, kind, stage):
+    fsdp2, zero = runs[kind, "fsdp2"], runs[kind, stage]
+    ppl = [json.loads(_tool("tools/eval_ppl.py", str(run))) for run in (fsdp2, zero)]
+    assert ppl[1]["tokens"] == ppl[0]["tokens"] > 0
+    assert ppl[1]["perplexity"] == pytest.approx(ppl[0]["perplexity"], rel=1e-5)
+    assert ppl[1]["perplexity"] == pytest.approx(read_metrics(zero, "eval")[-1]["perplexity"], rel=1e-5)
+
+    counts = [json.loads(_tool("tools/count_singular_values.py", str(run), "--json")) for run in (fsdp2, zero)]
+    assert counts[0] == counts[1] and sum(counts[0].values()) > 0
+
+    for run, out in ((fsdp2, tmp_path / "a"), (zero, tmp_path / "b")):
+        _tool("tools/convert_to_hf.py", str(run), "--out", str(out))
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # the two trainings agree to float noise (Adam's first steps amplify it on a few
+        # near-zero gradient entries, so compare whole tensors)
+        assert float((b[key] - a[key]).norm() / a[key].norm()) < 1e-4, key
+    # and the export is exactly the DeepSpeed run's own merged weights
+    cfg, merged = load_merged_model(zero)
+    want = to_hf_names(merged.state_dict(), cfg.model.tie_embeddings)
+    assert want.keys() == b.keys() and all(torch.equal(b[k], want[k]) for k in want)
+
+
+# --------------------------------------------------------------------------------------------
+# Restarts on 2 ranks, step by step through the real Trainer: function preserved, master copies
+# and moments reset, the next step's loss as FSDP2's.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _restart_worker(rank: int, overrides: list[str], port: int, out_file: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+
+    from megamora.adapters import LoRALinear, iter_adapters
+    from megamora.distributed import init_distributed
+    from megamora.engines.tensors import optimizer_state, seed_for
+    from megamora.model import kaiming_uniform_init
+    from megamora.run import build_trainer
+
+    cfg = load_config(None, overrides)
+    trainer, _ = build_trainer(cfg, init_distributed(cfg.parallel))
+    engine = trainer.engine
+    probe = trainer.validation[:2].to(trainer.dist.device)
+    deepspeed = cfg.parallel.engine == "deepspeed"
+    result = {"losses": [], "restarts": []}
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(engine(probe[:, :-1]).flatten(0, 1).float(),
+                                                     probe[:, 1:].flatten()).item()
+
+    while trainer.step < cfg.steps:
+        trainer.set_lr()
+        result["losses"].append(trainer.train_step()[0])
+        trainer.step += 1
+        if not trainer.restarts.due(trainer.step):
+            continue
+        before = probe_loss()
+        trainer.restarts.apply(trainer.step, engine.module, engine.optimizer)
+        record = {"before": before, "after": probe_loss(), "stale": [], "moments": {}}
+        for name, layer in iter_adapters(engine.module):
+            for pname, p in layer.named_parameters():
+                if pname.startswith("base."):
+                    continue
+                if deepspeed:  # DeepSpeed's own API, not the project's helper: the fp32 master copy
+                    from deepspeed.utils import safe_get_full_fp32_param
+
+                    master = safe_get_full_fp32_param(p)
+                else:
+                    master = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+                want = torch.zeros_like(master)
+                if isinstance(layer, LoRALinear) and pname == "lora_A":  # redrawn from (seed, name, restart)
+                    key = f"{name}@restart{trainer.restarts.count}"
+                    kaiming_uniform_init(want, torch.Generator().manual_seed(seed_for(cfg.seed, key)))
+                if not torch.equal(master, want):
+                    record["stale"].append(f"{name}.{pname}")
+                for key in ("exp_avg", "exp_avg_sq"):
+                    moment = optimizer_state(engine.optimizer, p, key)
+                    record["moments"][f"{name}.{pname}:{key}"] = moment.clone()
+                    if moment.abs().max() != 0:
+                        record["stale"].append(f"{name}.{pname}:{key}")
+        result["restarts"].append(record)
+    trainer.save()
+    trainer.metrics.close()
+    if rank == 0:
+        torch.save(result, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_restarts(run_dir: Path, overrides: list[str]) -> dict:
+    out = run_dir.with_suffix(".pt")
+    mp.spawn(_restart_worker, args=(overrides, _free_port(), str(out)), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_remora_restarts_under_zero_match_fsdp2(shared_data, tmp_path, stage):
+    from megamora.analysis import delta_weights, rank_of
+    from megamora.export import initial_weights, load_merged_model
+
+    base = ["adapter.kind=mora", "adapter.r=4", "adapter.dropout=0.0", "steps=12", "restarts.every=4",
+            "restarts.warmup=1", "eval_every=0", "save_every=0"]
+    fsdp2 = _run_restarts(tmp_path / "fsdp2", tiny_overrides(shared_data, tmp_path / "fsdp2", *base))
+    zero = _run_restarts(tmp_path / "zero", tiny_overrides(shared_data, tmp_path / "zero", *base, *DS,
+                                                           f"parallel.zero_stage={stage}"))
+    assert len(zero["restarts"]) == len(fsdp2["restarts"]) == 2
+    for record in zero["restarts"]:
+        assert record["after"] == pytest.approx(record["before"], rel=1e-5)  # the function is unchanged
+        assert record["stale"] == []  # M's fp32 master = 0, moments reset
+    assert len(zero["losses"]) == 12
+    for step, (got, want) in enumerate(zip(zero["losses"], fsdp2["losses"]), start=1):
+        assert got == pytest.approx(want, rel=1e-5), step  # incl. the steps right after each restart
+
+    _, merged = load_merged_model(tmp_path / "zero")
+    deltas = delta_weights(initial_weights(tmp_path / "zero"), merged.state_dict())
+    assert len(deltas) == 7 * 2
+    for name, dw in deltas.items():
+        r_hat = round(((dw.shape[0] + dw.shape[1]) * 4) ** 0.5)
+        assert r_hat < rank_of(dw) <= min(dw.shape), name
+
+
+def test_relora_restart_under_zero3_prunes_moments_as_fsdp2(shared_data, tmp_path):
+    """LoRA's restart under ZeRO-3 with ReLoRA's random pruning: A redrawn and B = 0 in the fp32
+    master copies, the pruned moments equal FSDP2's, and so does the next step's loss. (Pruned
+    moments with the step kept make the following updates large enough to amplify float noise, so
+    later steps are not compared.)"""
+    base = ["adapter.kind=lora", "adapter.r=4", "adapter.dropout=0.0", "steps=4", "restarts.every=3",
+            "restarts.warmup=1", "restarts.optimizer_reset=random_prune", "restarts.prune_ratio=0.5",
+            "eval_every=0", "save_every=0"]
+    fsdp2 = _run_restarts(tmp_path / "fsdp2", tiny_overrides(shared_data, tmp_path / "fsdp2", *base))
+    zero = _run_restarts(tmp_path / "zero", tiny_overrides(shared_data, tmp_path / "zero", *base, *DS,
+                                                           "parallel.zero_stage=3"))
+    (got,), (want,) = zero["restarts"], fsdp2["restarts"]
+    assert got["after"] == pytest.approx(got["before"], rel=1e-5)
+    assert [s for s in got["stale"] if ":" not in s] == []  # A, B as re-initialised, in the master copies
+    assert got["moments"].keys() == want["moments"].keys() and len(got["moments"]) == 2 * 2 * 7 * 2
+    for key, moment in want["moments"].items():
+        assert torch.equal(got["moments"][key] == 0, moment == 0), key  # the same random mask
+        torch.testing.assert_close(got["moments"][key], moment, rtol=1e-4, atol=1e-4 * float(moment.abs().max()), msg=lambda m: f"{key}: {m}")
+    assert zero["losses"] == pytest.approx(fsdp2["losses"], rel=1e-5)  # steps 1-4: 4 is after the restart
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+
+
+RESUME = {
+    "zero2-remora-across-restart": ["parallel.zero_stage=2", "adapter.kind=mora", "adapter.r=4", "restarts.every=2",
+                                    "restarts.warmup=1"],
+    "zero3-lora-dropout": ["parallel.zero_stage=3", "adapter.kind=lora", "adapter.r=4", "adapter.dropout=0.1"],
+}
+
+
+@pytest.mark.parametrize("extra", RESUME.values(), ids=RESUME.keys())
+def test_killed_deepspeed_run_resumes_bitwise(shared_data, tmp_path, extra):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    launch(tiny_overrides(shared_data, whole, *DS, *extra), nproc=2)
+    launch(tiny_overrides(shared_data, killed, *DS, *extra), nproc=2)
+    crash_after_first_checkpoint(killed)  # killed after its step-3 checkpoint
+    launch(tiny_overrides(shared_data, killed, *DS, *extra), nproc=2)
+    assert losses(killed) == losses(whole)  # bit for bit
+    assert read_metrics(killed, "eval")[-1]["perplexity"] == read_metrics(whole, "eval")[-1]["perplexity"]
+    assert read_metrics(killed, "setup")[-1]["resumed_from"].endswith("step_00000003")
+    state = json.loads((killed / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["engine"] == "deepspeed" and state["world_size"] == 2
+
+
+def test_one_process_deepspeed_equals_one_process_fsdp2(shared_data, tmp_path):
+    """`python launch/pretrain.py ... parallel.engine=deepspeed` without a launcher: a group of one."""
+    extra = ["adapter.kind=mora", "adapter.r=4"]
+    plain = run_in_process(tiny_overrides(shared_data, tmp_path / "plain", *extra))
+    zero = run_in_process(tiny_overrides(shared_data, tmp_path / "zero", *extra, *DS))
+    assert zero.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert not torch.distributed.is_initialized()  # the group of one is gone again
+
+
+# --------------------------------------------------------------------------------------------
+# Config and bad input
+
+
+def test_generated_deepspeed_config_states_batch_sizes_once(tmp_path):
+    cfg = load_config(None, ["run_dir=x", "global_batch_size=32", "micro_batch_size=4", "optim.grad_clip=0.5",
+                             *DS, "parallel.zero_stage=3", "parallel.reduce_dtype=bfloat16"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
+    assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": 3}
+    assert ds["communication_data_type"] == "bf16" and not ds["bf16"]["enabled"]
+
+    override = tmp_path / "offload.json"
+    override.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
+    cfg.parallel.deepspeed_config = str(override)
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}  # merged key by key
+    for example in sorted((REPO / "configs" / "deepspeed").glob("*.json")):
+        cfg.parallel.deepspeed_config = str(example)
+        assert deepspeed_config(cfg, world_size=2)["zero_optimization"]["stage"] == 3, example
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_engine_input_is_one_line_before_anything_is_written(shared_data, tmp_path):
+    run_dir = tmp_path / "run"
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{stage: 3")
+    owned = tmp_path / "owned.json"
+    owned.write_text(json.dumps({"train_batch_size": 64}))
+    for extra, needles in [
+        (["parallel.engine=megatron"], ["parallel.engine", "megatron"]),
+        ([*DS, "parallel.zero_stage=4"], ["parallel.zero_stage", "4"]),
+        ([*DS, f"parallel.deepspeed_config={tmp_path}/none.json"], ["none.json"]),
+        ([*DS, f"parallel.deepspeed_config={bad_json}"], ["bad.json", "JSON"]),
+        ([*DS, f"parallel.deepspeed_config={owned}"], ["train_batch_size", "global_batch_size"]),
+    ]:
+        _one_line_error(launch(tiny_overrides(shared_data, run_dir, *extra), check=False), *needles)
+        assert not run_dir.exists()
+
+    # a run directory written by FSDP2 is not resumed by DeepSpeed, and stays as it was
+    launch(tiny_overrides(shared_data, run_dir, "steps=3"))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    _one_line_error(launch(tiny_overrides(shared_data, run_dir, *DS), check=False), "fsdp2", "deepspeed")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_deepspeed_not_installed_says_how_to_install(shared_data, tmp_path):
+    shim = tmp_path / "shim" / "deepspeed"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'deepspeed'\")\n")
+    env = {**os.environ, "PYTHONPATH": f"{shim.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain.py"),
+                           *tiny_overrides(shared_data, tmp_path / "run", *DS)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    _one_line_error(proc, "parallel.engine=deepspeed", "pip install", "[deepspeed]")
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_rejects_unknown_engine_and_stage():
+    for bad, needle in [("parallel.engine=ddp", "parallel.engine"), ("parallel.zero_stage=0", "parallel.zero_stage")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, ["run_dir=x", bad])
