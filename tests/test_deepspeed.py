@@ -312,3 +312,16 @@ def test_config_rejects_unknown_engine_and_stage():
     for bad, needle in [("parallel.engine=ddp", "parallel.engine"), ("parallel.zero_stage=0", "parallel.zero_stage")]:
         with pytest.raises(ConfigError, match=needle):
             load_config(None, ["run_dir=x", bad])
+
+
+def test_deepspeed_launcher_runs_the_same_training_as_torchrun(runs, shared_data, tmp_path):
+    launcher = Path(sys.executable).parent / "deepspeed"
+    run_dir = tmp_path / "ds-launcher"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", str(REPO / "launch" / "pretrain.py"),
+                           *tiny_overrides(shared_data, run_dir, f"steps={STEPS}", "save_every=5", *KINDS["mora"], *DS,
+                                           "parallel.zero_stage=2")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(run_dir, "setup")[0]["world_size"] == 2
+    assert losses(run_dir) == pytest.approx(losses(runs["mora", "2"]), rel=1e-6)
