@@ -167,6 +167,30 @@ def test_fp32_and_bf16_gradients_match_fp64(t, shape, r):
             assert (got - want).norm() <= tol * want.norm()
 
 
+@pytest.mark.parametrize("t", TYPES)
+def test_fp32_layer_under_bf16_autocast_matches_fp64(t):
+    """fp32 parameters with bf16 compute from torch.autocast (one process, and DeepSpeed): the fused
+    Function gets bf16 inputs, M keeps fp32 and gets an fp32 gradient."""
+    shape, r = (96, 200), 9
+    ref = mora(*shape, r, t, dtype=torch.float64)
+    layer = mora(*shape, r, t)
+    with torch.no_grad():
+        ref.M.normal_()
+        layer.M.copy_(ref.M)
+        layer.base.weight.copy_(ref.base.weight)
+    x, g = torch.randn(33, shape[0], dtype=torch.float64), torch.randn(33, shape[1], dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    ref(xr).backward(g)
+    xi = x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xi)
+    assert y.dtype == torch.bfloat16
+    y.backward(g.to(torch.bfloat16))
+    assert layer.M.grad.dtype == torch.float32 and xi.grad.dtype == torch.float32
+    for got, want in ((xi.grad, xr.grad), (layer.M.grad, ref.M.grad)):
+        assert (got.double() - want).norm() <= 3e-2 * want.norm()
+
+
 def _rank(dW: torch.Tensor) -> int:
     return int(torch.linalg.matrix_rank(dW.double(), rtol=1e-4))  # dW is computed in fp32
 

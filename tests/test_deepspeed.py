@@ -47,6 +47,8 @@ def test_zero_losses_equal_fsdp2(runs, kind, stage):
     assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    norms = [{r["step"]: r["grad_norm"] for r in read_metrics(runs[kind, e], "train")} for e in ("fsdp2", stage)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # the global norm before clipping
     setup = read_metrics(runs[kind, stage], "setup")[0]
     assert setup["engine"] == "deepspeed" and setup["zero_stage"] == int(stage) and setup["world_size"] == 2
 

@@ -502,9 +502,15 @@ class MoRALinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        weight, bias = self.base.weight, self.base.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # The fused Function computes in one dtype: cast its inputs as autocast would cast a
+            # linear's (what torch.amp.custom_fwd(cast_inputs=...) does); M stays fp32 and is cast inside.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x2, weight = x2.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
         xd = self.dropout(x2)
-        y = _MoRAFunction.apply(x2, xd, self.M, self.rot_cos, self.rot_sin, self.base.weight, self.base.bias,
-                                self.geometry)
+        y = _MoRAFunction.apply(x2, xd, self.M, self.rot_cos, self.rot_sin, weight, bias, self.geometry)
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
