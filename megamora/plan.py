@@ -11,18 +11,18 @@ of n elements is ceil(n / W) (both engines pad to equal shards). Parameters are 
 both engines; `parallel.param_dtype` is only the compute dtype. AdamW keeps two fp32 moments per
 trainable parameter; frozen parameters have neither gradients nor optimizer state.
 
-    engine             parameters             gathered copy        gradients   master     moments
-    single process     4 P                    -                    4 T         -          8 T
-    FSDP2              4 P / W                2 B x param_dtype    4 T / W     -          8 T / W
-    DeepSpeed ZeRO-1   4 P                    -                    4 T         4 T / W    8 T / W
-    DeepSpeed ZeRO-2   4 P                    -                    4 T / W     4 T / W    8 T / W
-    DeepSpeed ZeRO-3   4 P / W                2 B x 4 (fp32)       4 T / W     4 T / W    8 T / W
+    engine             parameters   gathered copy              gradients   master     moments
+    single process     4 P          -                          4 T         -          8 T
+    FSDP2              4 P / W      (2 B + R) x param_dtype    4 T / W     -          8 T / W
+    DeepSpeed ZeRO-1   4 P          -                          4 T         4 T / W    8 T / W
+    DeepSpeed ZeRO-2   4 P          -                          4 T / W     4 T / W    8 T / W
+    DeepSpeed ZeRO-3   4 P / W      2 B x 4 (fp32)             4 T / W     4 T / W    8 T / W
 
 "Gathered copy": a sharded engine all-gathers one block to compute it while prefetching the next,
-so about two blocks are unsharded at a time. FSDP2 gathers in param_dtype (its mixed-precision
-policy); ZeRO-3 gathers the stored fp32 partitions. Not counted: FSDP2's root group (embeddings,
-final norm, head), which stays gathered between forward and backward; communication buckets;
-transient casts; the allocator's fragmentation.
+so about two blocks are unsharded at a time; FSDP2's root unit (R: embeddings, final norm, head)
+stays gathered from the start of forward to the end of backward. FSDP2 gathers in param_dtype (its
+mixed-precision policy); ZeRO-3 gathers the stored fp32 partitions and releases the root's modules
+after use. Not counted: communication buckets, transient casts, the allocator's fragmentation.
 
 Activations, in the compute dtype (e bytes: 4 float32, 2 bfloat16), for micro batch b, sequence
 s, dim h, ffn dim f, heads a, key/value width h_kv = n_kv_heads x head_dim, vocabulary V. Saved
@@ -83,6 +83,7 @@ class ParamCounts:
     adapter: int
     adapter_kind: str  # none | lora | mora
     block: int  # all parameters of one transformer block (what a sharded engine gathers)
+    root: int  # embeddings, final norm and head (FSDP2's root unit)
     modules: list[AdapterModule] = field(default_factory=list)
 
 
@@ -166,6 +167,7 @@ def count_params(cfg: TrainConfig) -> ParamCounts:
         adapter=summary["adapter_params"],
         adapter_kind=summary["adapter_kind"],
         block=count_parameters(model.layers[0]),
+        root=summary["total_params"] - sum(count_parameters(layer) for layer in model.layers),
         modules=modules,
     )
 
@@ -201,9 +203,9 @@ def param_bytes(counts: ParamCounts, mode: Mode, world_size: int, param_dtype: s
     if mode in ("single", "zero1", "zero2"):
         return FP32 * counts.total, 0
     stored = FP32 * shard(counts.total, world_size)
-    # FSDP2 all-gathers in its mixed-precision param_dtype, ZeRO-3 the stored fp32 partitions.
-    gathered_bytes = DTYPE_BYTES[param_dtype] if mode == "fsdp2" else FP32
-    return stored, GATHERED_BLOCKS * counts.block * gathered_bytes
+    if mode == "fsdp2":  # gathers in param_dtype; the root unit stays gathered through forward and backward
+        return stored, (GATHERED_BLOCKS * counts.block + counts.root) * DTYPE_BYTES[param_dtype]
+    return stored, GATHERED_BLOCKS * counts.block * FP32  # ZeRO-3 gathers the stored fp32 partitions
 
 
 def grad_bytes(counts: ParamCounts, mode: Mode, world_size: int) -> int:

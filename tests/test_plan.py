@@ -57,15 +57,16 @@ def test_counts_match_hand_and_real_model(kind, adapter):
 
 def test_memory_rules_by_hand_world_2():
     P, T, B = BASE + MORA, MORA + 2 * 128 * 32 + NORMS, BLOCK + MORA // 2  # 33280, 12800, 12528
+    R = 2 * 128 * 32 + 32  # embeddings, head, final norm: 8224
     mems = {}
     for engine, stage in [("fsdp2", 2), ("deepspeed", 1), ("deepspeed", 2), ("deepspeed", 3)]:
         cfg = tiny("adapter.kind=mora", "adapter.r=4", f"parallel.engine={engine}", f"parallel.zero_stage={stage}")
         mems[engine, stage] = make_plan(cfg, world_size=2, distributed=True).memory
 
-    m = mems["fsdp2", 2]  # fp32 shards + two gathered blocks in fp32 (param_dtype float32)
+    m = mems["fsdp2", 2]  # fp32 shards + two gathered blocks and the root unit in fp32 (param_dtype float32)
     assert (m.params_stored, m.params_gathered, m.grads, m.master, m.moments) == (
-        4 * P // 2, 2 * B * 4, 4 * T // 2, 0, 8 * T // 2)
-    assert m.params == 66560 + 100224 and m.optimizer == 51200
+        4 * P // 2, (2 * B + R) * 4, 4 * T // 2, 0, 8 * T // 2)
+    assert m.params == 66560 + 133120 and m.optimizer == 51200
     m = mems["deepspeed", 1]
     assert (m.params, m.grads, m.master, m.moments) == (4 * P, 4 * T, 4 * T // 2, 8 * T // 2)
     assert (m.params, m.grads, m.optimizer) == (133120, 51200, 76800)
@@ -78,7 +79,7 @@ def test_memory_rules_by_hand_world_2():
 
     # FSDP2 gathers in its compute dtype
     cfg = tiny("adapter.kind=mora", "adapter.r=4", "parallel.param_dtype=bfloat16")
-    assert make_plan(cfg, world_size=2, distributed=True).memory.params_gathered == 2 * B * 2
+    assert make_plan(cfg, world_size=2, distributed=True).memory.params_gathered == (2 * B + R) * 2
     # no launcher: one plain process, nothing sharded or gathered
     m = make_plan(cfg).memory
     assert (m.params, m.grads, m.optimizer) == (4 * P, 4 * T, 8 * T)
