@@ -48,9 +48,9 @@ def test_zero_losses_equal_fsdp2(runs, kind, stage):
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
     norms = [{r["step"]: r["grad_norm"] for r in read_metrics(runs[kind, e], "train")} for e in ("fsdp2", stage)]
-    # The global norm before clipping: equal from the same weights at step 1; later steps amplify the
+    # The global norm before clipping: within 1e-4 from the same weights at step 1; later steps amplify the
     # engines' different summation orders (a few 1e-4 on some CPUs) more than the loss does.
-    assert norms[1][1] == pytest.approx(norms[0][1], rel=1e-5)
+    assert norms[1][1] == pytest.approx(norms[0][1], rel=1e-4)
     assert norms[1] == pytest.approx(norms[0], rel=2e-3)
     setup = read_metrics(runs[kind, stage], "setup")[0]
     assert setup["engine"] == "deepspeed" and setup["zero_stage"] == int(stage) and setup["world_size"] == 2
