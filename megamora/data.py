@@ -27,7 +27,10 @@ from (seed, stream_id, epoch). shuffle_buffer = 0 keeps the stored order in ever
 
 Resume. `TrainLoader.state_dict()` holds, per stream, the reader position, the shuffle buffer's
 documents and generator state, the tokens not yet emitted and the counters, all JSON-serialisable;
-a loader restored from it yields exactly the batches the uninterrupted loader would have.
+a loader restored from it yields exactly the batches the uninterrupted loader would have. It stays
+bounded whatever the input: documents longer than data.max_doc_chars are skipped (in local mode a
+line is never read whole past line_byte_limit()), so the buffer holds at most shuffle_buffer of them
+and the pending tokens come from at most one `encode_batch` of them (see TokenPacker).
 
 Malformed input (local mode) is skipped and counted by reason, see SKIP_REASONS.
 """
@@ -58,7 +61,9 @@ STATE_VERSION = 1
 #   empty_text  `text` is empty or only whitespace
 #   bad_file    a file could not be opened or decompressed: the rest of that file is skipped (counted
 #               by each stream that reads the file: with the split by document, all of them)
-SKIP_REASONS = ("bad_utf8", "bad_json", "no_text", "empty_text", "bad_file")
+#   too_long    `text` has more than data.max_doc_chars characters, or (local mode) the raw line has
+#               more than line_byte_limit(max_doc_chars) bytes and is dropped unparsed
+SKIP_REASONS = ("bad_utf8", "bad_json", "no_text", "empty_text", "bad_file", "too_long")
 
 Record = tuple[Optional[str], Optional[str]]  # (text, None) or (None, skip reason)
 
@@ -66,11 +71,13 @@ Record = tuple[Optional[str], Optional[str]]  # (text, None) or (None, skip reas
 # --------------------------------------------------------------------------- records
 
 
-def record_text(record: object) -> Record:
+def record_text(record: object, max_chars: int) -> Record:
     """The usable `text` of one parsed record; any other fields (url, timestamp, date) are ignored."""
     text = record.get("text") if isinstance(record, dict) else None
     if not isinstance(text, str):
         return None, "no_text"
+    if len(text) > max_chars:
+        return None, "too_long"
     if not text.strip():
         return None, "empty_text"
     try:
@@ -80,7 +87,9 @@ def record_text(record: object) -> Record:
     return text, None
 
 
-def parse_line(raw: bytes) -> Record:
+def parse_line(raw: bytes | None, max_chars: int) -> Record:
+    if raw is None:  # longer than the byte limit: dropped by read_line
+        return None, "too_long"
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -89,7 +98,7 @@ def parse_line(raw: bytes) -> Record:
         record = json.loads(line)
     except (ValueError, RecursionError):
         return None, "bad_json"
-    return record_text(record)
+    return record_text(record, max_chars)
 
 
 # --------------------------------------------------------------------------- shards
@@ -99,13 +108,41 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+def line_byte_limit(max_doc_chars: int) -> int:
+    """Bytes a raw line may have: 12 a character, the most JSON spends on one (UTF-8 takes at most 4,
+    a \\uXXXX escape 6, an escaped surrogate pair 12 for one character beyond the BMP), plus 64 KiB
+    for the other fields (url, timestamp). So only a text over the bound, or absurd other fields, can
+    make a line longer, and the line is then dropped without being parsed."""
+    return 12 * max_doc_chars + (1 << 16)
+
+
+_DROP_CHUNK = 1 << 20
+
+
+def read_line(fh, limit: int) -> bytes | None:
+    """The next raw line (b"" at the end of the file), or None for a line of more than `limit`
+    bytes (newline included): its rest is then read and dropped in bounded chunks, never held whole."""
+    raw = fh.readline(limit)
+    if len(raw) < limit or raw.endswith(b"\n"):
+        return raw
+    longer = False
+    while chunk := fh.readline(min(limit, _DROP_CHUNK)):
+        longer = True
+        if chunk.endswith(b"\n"):
+            break
+    return None if longer else raw
+
+
 class LocalShard:
     """One stream's share of sorted local JSON-lines files (gzip or plain), with a resumable position."""
 
-    def __init__(self, files: list[Path], stream_id: int, num_streams: int):
+    def __init__(self, files: list[Path], stream_id: int, num_streams: int,
+                 max_doc_chars: int = DataConfig.max_doc_chars):
         self.files = files
         self.stream_id = stream_id
         self.num_streams = num_streams
+        self.max_doc_chars = max_doc_chars
+        self.line_limit = line_byte_limit(max_doc_chars)
         self.by_file = len(files) % num_streams == 0
         self.own = [i for i in range(len(files)) if not self.by_file or i % num_streams == stream_id]
         self.order = list(self.own)
@@ -126,19 +163,19 @@ class LocalShard:
             try:
                 if self._fh is None:
                     self._fh = _open_binary(self.files[i])
-                    for _ in itertools.islice(self._fh, self.line):  # resume: skip what was read
-                        pass
-                raw = self._fh.readline()
+                    for _ in range(self.line):  # resume: skip what was read (too long lines included)
+                        read_line(self._fh, self.line_limit)
+                raw = read_line(self._fh, self.line_limit)
             except (OSError, EOFError, zlib.error):
                 self._next_file()
                 return None, "bad_file"
-            if not raw:
+            if raw == b"":
                 self._next_file()
                 continue
             j = self.line
-            self.line += 1
+            self.line += 1  # a dropped line is a line too: positions stay those of the raw file
             if self.by_file or (i + j) % self.num_streams == self.stream_id:
-                return parse_line(raw)
+                return parse_line(raw, self.max_doc_chars)
         return None
 
     def _next_file(self) -> None:
@@ -162,10 +199,11 @@ class LocalShard:
 class HubShard:
     """One stream's share of a streamed `datasets.IterableDataset`, resumed by its own state_dict()."""
 
-    def __init__(self, dataset, stream_id: int, num_streams: int):
+    def __init__(self, dataset, stream_id: int, num_streams: int, max_doc_chars: int = DataConfig.max_doc_chars):
         self._base = dataset
         self.stream_id = stream_id
         self.num_streams = num_streams
+        self.max_doc_chars = max_doc_chars  # the record is already in memory: only its text is checked
         self._ds = None
         self._it = None
         self._resume: dict | None = None  # state to start from; None: the beginning
@@ -186,7 +224,7 @@ class HubShard:
         except StopIteration:
             return None
         self._pulled = True
-        return record_text(record)
+        return record_text(record, self.max_doc_chars)
 
     def _split(self):
         # Always a fresh copy, even for one stream: load_state_dict() sticks to the object it is
@@ -322,7 +360,10 @@ class TokenPacker:
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.encode_batch = encode_batch
-        self._tokens = np.empty(0, dtype=np.int32)  # not yet emitted as an input (starts with the carry-over)
+        # Not yet emitted as an input (starts with the carry-over), saved in every checkpoint. Encoding
+        # stops once n*seq_len + 1 tokens are there, so what is left after a call is at most the last
+        # encode call's tokens: encode_batch documents of at most data.max_doc_chars characters.
+        self._tokens = np.empty(0, dtype=np.int32)
         self.counters = {"tokens": 0, "batches": 0}
 
     def next_windows(self, n: int) -> np.ndarray:
@@ -389,6 +430,11 @@ def _load_hub_split(cfg: DataConfig, split: str):
         ) from None
 
 
+def _check_max_doc_chars(cfg: DataConfig) -> None:
+    if cfg.max_doc_chars < 1:
+        raise ValueError(f"data.max_doc_chars={cfg.max_doc_chars} must be positive")
+
+
 def check_data_source(cfg: DataConfig) -> None:
     """Raise a one-line ValueError if the configured local files do not exist (call before compute)."""
     if cfg.local_dir:
@@ -398,6 +444,55 @@ def check_data_source(cfg: DataConfig) -> None:
         for split, pattern in cfg.data_files.items():
             if "://" not in pattern and not glob(str(Path(pattern).expanduser()), recursive=True):
                 raise ValueError(f"data.data_files.{split}={pattern!r} matches no file")
+
+
+def train_source(cfg: DataConfig) -> str:
+    """The training data as a checkpoint's data state names it ("source" in build_train_loader's
+    header): in local mode the file names, not their folder, so the data may move between runs."""
+    if cfg.local_dir:
+        return f"local: {_files_fingerprint(_local_files(cfg, cfg.train_glob, 'train_glob'))}"
+    return f"hub: {cfg.dataset} {cfg.dataset_config}"
+
+
+HUB_PROBE_RECORDS = 10_000  # a Hub stream may be endless: how far the probe looks for a usable document
+
+
+def _first_document(shard: LocalShard | HubShard, limit: int | None = None) -> tuple[bool, dict[str, int]]:
+    """Read `shard` up to its first usable document: (found, skipped records by reason)."""
+    skipped: dict[str, int] = {}
+    for _ in itertools.count() if limit is None else range(limit):
+        item = shard.next_record()
+        if item is None:
+            break
+        if item[1] is None:
+            shard.close()
+            return True, skipped
+        skipped[item[1]] = skipped.get(item[1], 0) + 1
+    shard.close()
+    return False, skipped
+
+
+def check_train_documents(cfg: DataConfig, num_streams: int) -> None:
+    """Raise a one-line ValueError unless the training data has a usable document (and, in local
+    mode, each of the `num_streams` streams has one): what DocumentStream would find at the first
+    step, found before the run starts. Cheap on good data: it reads up to the first usable record."""
+    if not cfg.local_dir:
+        found, skipped = _first_document(HubShard(_load_hub_split(cfg, "train"), 0, 1, cfg.max_doc_chars),
+                                         HUB_PROBE_RECORDS)
+        if not found:
+            raise ValueError(f"data.dataset={cfg.dataset!r}: no usable document in the first records of its train "
+                             f"split (skipped: {skipped or 'none, the split is empty'})")
+        return
+    files = _local_files(cfg, cfg.train_glob, "train_glob")
+    found, skipped = _first_document(LocalShard(files, 0, 1, cfg.max_doc_chars))
+    if not found:
+        raise ValueError(f"data.train_glob={cfg.train_glob!r} in data.local_dir={cfg.local_dir!r}: no usable "
+                         f"document in its {len(files)} file(s) (skipped: {skipped or 'none, the files are empty'})")
+    for s in range(num_streams) if num_streams > 1 else ():
+        if not _first_document(LocalShard(files, s, num_streams, cfg.max_doc_chars))[0]:
+            raise ValueError(f"training data stream {s} of {num_streams} (global_batch_size / micro_batch_size) has "
+                             f"no usable document: too little usable data in the {len(files)} files of "
+                             f"data.local_dir={cfg.local_dir!r} for that many streams")
 
 
 # --------------------------------------------------------------------------- loaders
@@ -478,14 +573,15 @@ def build_train_loader(
             raise ValueError(f"data.{key}={getattr(cfg, key)} must be positive")
     if cfg.shuffle_buffer < 0:
         raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} must be >= 0")
+    _check_max_doc_chars(cfg)
 
     if cfg.local_dir:
         files = _local_files(cfg, cfg.train_glob, "train_glob")
-        shards = {s: LocalShard(files, s, num_streams) for s in stream_ids}
+        shards = {s: LocalShard(files, s, num_streams, cfg.max_doc_chars) for s in stream_ids}
         source = f"local: {_files_fingerprint(files)}"
     else:
         base = _load_hub_split(cfg, "train")
-        shards = {s: HubShard(base, s, num_streams) for s in stream_ids}
+        shards = {s: HubShard(base, s, num_streams, cfg.max_doc_chars) for s in stream_ids}
         source = f"hub: {cfg.dataset} {cfg.dataset_config}"
     header = {
         "version": STATE_VERSION,
@@ -494,6 +590,7 @@ def build_train_loader(
         "seed": seed,
         "seq_len": cfg.seq_len,
         "shuffle_buffer": cfg.shuffle_buffer,
+        "max_doc_chars": cfg.max_doc_chars,  # which documents are skipped
     }
     packers = {
         s: TokenPacker(
@@ -508,22 +605,24 @@ def build_train_loader(
 
 
 def validation_batches(
-    cfg: DataConfig, tokenizer, num_tokens: int, *, stats: dict[str, int] | None = None
+    cfg: DataConfig, tokenizer, num_tokens: int, *, stats: dict[str, int] | None = None, at_most: bool = False
 ) -> torch.Tensor:
     """The first num_tokens target tokens of the validation split, in order, packed like training.
 
     Returns (n_seq, seq_len + 1) int64 with n_seq = max(1, num_tokens // seq_len). Raises a ValueError
-    if the split is shorter than that, rather than silently evaluating on fewer tokens. Documents
-    read and skipped (by reason) are added to `stats` when given.
+    if the split is shorter than that, rather than silently evaluating on fewer tokens, unless
+    `at_most`: then the sequences the split holds (the caller says so; less than one is still an
+    error). Documents read and skipped (by reason) are added to `stats` when given.
     """
     if num_tokens < 1:
         raise ValueError(f"validation num_tokens={num_tokens} must be positive")
     if cfg.seq_len < 1 or cfg.encode_batch < 1:
         raise ValueError(f"data.seq_len={cfg.seq_len} and data.encode_batch={cfg.encode_batch} must be positive")
+    _check_max_doc_chars(cfg)
     if cfg.local_dir:
-        shard = LocalShard(_local_files(cfg, cfg.validation_glob, "validation_glob"), 0, 1)
+        shard = LocalShard(_local_files(cfg, cfg.validation_glob, "validation_glob"), 0, 1, cfg.max_doc_chars)
     else:
-        shard = HubShard(_load_hub_split(cfg, "validation"), 0, 1)
+        shard = HubShard(_load_hub_split(cfg, "validation"), 0, 1, cfg.max_doc_chars)
     n_seq = max(1, num_tokens // cfg.seq_len)
     need = n_seq * cfg.seq_len + 1
     parts, have, done = [], 0, False
@@ -544,7 +643,12 @@ def validation_batches(
             parts.append(encode_with_eos(tokenizer, texts))
             have += len(parts[-1])
     shard.close()
-    if have < need:
+    if at_most and cfg.seq_len < have < need:
+        n_seq = (have - 1) // cfg.seq_len
+    elif at_most and have < need:
+        raise ValueError(f"the validation split holds {have} tokens, fewer than one sequence of "
+                         f"data.seq_len={cfg.seq_len} needs ({cfg.seq_len + 1})")
+    elif have < need:
         raise ValueError(
             f"the validation split holds {have} tokens, fewer than the {need} that {n_seq} sequences "
             f"of data.seq_len={cfg.seq_len} need (eval tokens {num_tokens}); lower the eval tokens"

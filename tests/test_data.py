@@ -207,6 +207,7 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
         "skipped_no_text": 3,
         "skipped_empty_text": 2,
         "skipped_bad_file": 2,
+        "skipped_too_long": 0,
     }
     truncated = [d for d in docs if d not in good]
     assert 0 < len(truncated) < 200 and truncated == [doc_text(100 + i, 50) for i in range(len(truncated))]
@@ -215,7 +216,7 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
 
     # Split by document over 3 streams: each bad line belongs to exactly one stream (a bad file is
     # met by every stream that reads it).
-    totals: dict[str, int] = {}
+    totals = dict.fromkeys(c, 0)
     for k in range(3):
         shard = LocalShard(files, k, 3)
         while (record := shard.next_record()) is not None:
