@@ -12,16 +12,19 @@ without a process group); DeepSpeed ones resume on the same ZeRO stage and world
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException
 
-from megamora.distributed import barrier
+from megamora.distributed import barrier, process_group_active
 from megamora.engines import Engine, engine_class
 from megamora.engines.tensors import set_full_
 
@@ -46,6 +49,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written: its partial directory is gone, older checkpoints are kept."""
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -55,43 +62,121 @@ def save_checkpoint(
     keep_last: int,
     is_main: bool,
 ) -> Path:
-    """Collective: every rank calls it. `data_state` holds this rank's streams only."""
+    """Collective: every rank calls it. `data_state` holds this rank's streams only. If any rank
+    fails to write (disk full, I/O error), every rank raises SaveFailed naming the cause, after the
+    partial `.tmp-step_*` is removed; older checkpoints are only rotated out once the new one is whole,
+    so the disk needs room for keep_last + 1 checkpoints."""
     root = checkpoints_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed earlier
+        for debris in root.glob(".tmp-step_*"):  # saves that died earlier (the run lock keeps others out)
+            shutil.rmtree(debris, ignore_errors=True)
     barrier()
+    error = _agree(_attempt(lambda: _write(tmp, step, engine, trainer_state, data_state, is_main)))
+    if error is None:
+        error = _agree(_attempt(lambda: _publish(tmp, final, run_dir, keep_last)) if is_main else None)
+    if error is not None:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()  # every rank leaves once the partial checkpoint is gone
+        latest = latest_checkpoint(run_dir)
+        intact = (f"checkpoints up to step {int(latest.name[5:])} are intact" if latest
+                  else "there is no earlier checkpoint")
+        raise SaveFailed(f"{error} while saving step {step}; {intact}")
+    barrier()  # ends on a barrier: a rank may tear down gloo right after (a final or preemption save)
+    return final
+
+
+def _write(tmp: Path, step: int, engine: Engine, trainer_state: dict, data_state: dict, is_main: bool) -> None:
     engine.save(tmp)
     (tmp / "data").mkdir(parents=True, exist_ok=True)
     for stream_id, state in data_state.items():
         _write_json(tmp / "data" / f"stream_{stream_id}.json", state)
-    barrier()
     if is_main:
         _write_json(tmp / "trainer_state.json", {"step": step, **engine.checkpoint_info(), **trainer_state})
-        if final.exists():  # the same step saved twice (e.g. periodic + final): keep the newer
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
-    barrier()
-    return final
+
+
+def _publish(tmp: Path, final: Path, run_dir: str | Path, keep_last: int) -> None:
+    if final.exists():  # the same step saved twice (e.g. periodic + final): keep the newer
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def _attempt(fn: Callable[[], None]) -> str | None:
+    """Run fn; None, or why it failed in a few words ("No space left on device")."""
+    try:
+        fn()
+    except CheckpointException as e:  # DCP hands every rank the failures of all ranks
+        rank = min(e.failures)
+        return _cause(e.failures[rank][0])
+    except Exception as e:
+        return _cause(e)
+    return None
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    logging.getLogger("megamora").error("checkpoint write failed", exc_info=e)  # not an I/O error: a bug?
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _agree(error: str | None) -> str | None:
+    """Collective: the lowest failing rank's error, or None if every rank succeeded."""
+    if not process_group_active():
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory standing for its newest checkpoint."""
+    """A checkpoint directory, or a run directory standing for its newest checkpoint; a damaged or
+    crafted one fails here in one line (read_trainer_state), before a warm start or tool does any work."""
     path = Path(path)
-    if (path / "trainer_state.json").is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
+    found = path if (path / "trainer_state.json").is_file() else latest_checkpoint(path)
+    if found is None:
         raise FileNotFoundError(f"{path} is neither a checkpoint nor a run directory with checkpoints")
-    return latest
+    read_trainer_state(found)
+    return found
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "trainer_state.json").read_text())
+    """trainer_state.json of checkpoint `path`, once its files are known to be whole and safe to
+    load: a missing, truncated, corrupt or crafted file fails here with a one-line ValueError naming
+    it, before a resume, warm start or tool loads anything (no pickle from the checkpoint is loaded)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step recorded")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read trainer_state.json ({e})") from None
+    _check_files(path, state.get("engine", "fsdp2"))
+    return state
+
+
+def _check_files(path: Path, engine: str) -> None:
+    """Cheap whole-file checks: DCP's metadata (through its allow-list unpickler) and the shards at
+    the sizes it lists; torch.save archives (DeepSpeed's) by their zip index, which a truncated file
+    has lost."""
+    import zipfile
+
+    from megamora.engines.fsdp2 import read_dcp_metadata
+
+    if engine == "fsdp2":
+        read_dcp_metadata(path)
+        return
+    for f in sorted(path.rglob("*.pt")):
+        try:
+            zipfile.ZipFile(f).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path}: cannot read {f.relative_to(path)} ({e})") from None
 
 
 def saved_engine(path: str | Path) -> str:
@@ -101,8 +186,29 @@ def saved_engine(path: str | Path) -> str:
 
 def load_model_weights(path: str | Path, model: nn.Module) -> None:
     """Load a checkpoint's model weights into a plain, unsharded `model` (one process, no group),
-    whichever engine wrote it."""
-    engine_class(saved_engine(path)).read_model(Path(path), model)
+    whichever engine wrote it. Raises a one-line ValueError: CheckpointMismatch for the weights of
+    another model (other keys or shapes), else naming the file that cannot be read."""
+    from megamora.engines.fsdp2 import CheckpointMismatch, error_cause
+
+    path = Path(path)
+    engine = saved_engine(path)
+    try:
+        engine_class(engine).read_model(path, model)
+    except ValueError:
+        raise
+    except Exception as e:  # e.g. DeepSpeed's reader; nn.Module.load_state_dict(strict=True) lists keys
+        text = str(e)
+        missing, unexpected = (_listed_keys(text, kind) for kind in ("Missing", "Unexpected"))
+        shapes = re.findall(r"size mismatch for (\S+):", text)
+        if missing or unexpected or shapes:
+            raise CheckpointMismatch(path, missing, unexpected, shapes) from None
+        raise ValueError(f"{path}: cannot read the {engine} checkpoint ({error_cause(e)})") from None
+
+
+def _listed_keys(message: str, kind: str) -> list[str]:
+    """The keys of a load_state_dict error's line `<kind> key(s) in state_dict: "a", "b".`"""
+    line = next((x for x in message.splitlines() if x.strip().startswith(f"{kind} key(s) in state_dict:")), "")
+    return re.findall(r'"([^"]+)"', line)
 
 
 @torch.no_grad()
@@ -110,12 +216,16 @@ def load_base_weights(path: str | Path, model: nn.Module) -> None:
     """Load a full-rank checkpoint's weights into `model` (plain or sharded), whose targeted layers
     may be wrapped by adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own
     initial values. Every rank reads the whole checkpoint and keeps its own part."""
+    from megamora.engines.fsdp2 import CheckpointMismatch
     from megamora.model import build_model
 
     source = build_model(model.cfg, device="meta")
     source.to_empty(device="cpu")
     source.tie_weights()
-    load_model_weights(path, source)
+    try:
+        load_model_weights(path, source)
+    except CheckpointMismatch as e:  # e.g. warm_start= names an adapter run
+        raise ValueError(f"{path}: is not a full-rank checkpoint of this model's shapes: {e.detail}") from None
     weights = dict(source.named_parameters())
     for name, param in model.named_parameters():
         plain = name.replace(".base.", ".")

@@ -18,6 +18,7 @@ from megamora.checkpoint import (
     resolve_checkpoint,
 )
 from megamora.config import TrainConfig, load_config
+from megamora.engines.fsdp2 import CheckpointMismatch
 from megamora.model import Llama, build_model, initial_state_dict, init_weights
 
 
@@ -34,16 +35,23 @@ def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None)
     checkpoint = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints")
+    state = read_trainer_state(checkpoint)  # a damaged checkpoint fails before the model is built
     model = build_model(cfg.model, device="meta")
     apply_adapters(model, cfg.adapter)
     model.to_empty(device="cpu")
     init_weights(model, cfg.seed, cfg.model.init_std)  # buffers; every parameter is then loaded
-    state = read_trainer_state(checkpoint)
+    mismatch = f"{checkpoint}: does not match {Path(run_dir) / 'config.yaml'}"
     if cfg.restarts.every:  # MoRA layers go back to the operator type they had when saved
         from megamora.restarts import Restarts
 
+        saved = state.get("restarts")
+        if not (isinstance(saved, dict) and isinstance(saved.get("count"), int)):
+            raise ValueError(f"{mismatch}: restarts.every={cfg.restarts.every} but no restart count was saved")
         Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps).load_state_dict(state["restarts"], model)
-    load_model_weights(checkpoint, model)
+    try:
+        load_model_weights(checkpoint, model)
+    except CheckpointMismatch as e:  # e.g. config.yaml says lora, the checkpoint holds MoRA weights
+        raise ValueError(f"{mismatch}: {e.detail}") from None
     return cfg, merge_adapters(model)
 
 
