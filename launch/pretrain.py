@@ -4,6 +4,13 @@
     torchrun --nproc_per_node 8 launch/pretrain.py --config configs/table3/250m/mora.yaml run_dir=runs/x
     deepspeed --num_gpus 8 launch/pretrain.py --config ... parallel.engine=deepspeed parallel.zero_stage=2
     ... --dry-run   # print the plan (batch, parameters, FLOPs, memory per rank) and exit
+
+Exit codes (every rank exits with the same one; torchrun itself reports any non-zero as 1):
+    0   done: trained to `steps`
+    2   bad input, or the run directory is in use by another run (nothing written)
+    74  a checkpoint could not be written (disk full, I/O error); older checkpoints are intact
+    75  stopped by SIGTERM / SIGINT / SIGUSR1 after saving a checkpoint: run again to resume
+    130 interrupted (Ctrl-C) before training started; nothing to save
 """
 
 from __future__ import annotations
@@ -14,6 +21,11 @@ import os
 import sys
 
 from megamora.config import ConfigError, load_config
+
+EXIT_CONFIG = 2
+EXIT_SAVE_FAILED = 74  # sysexits EX_IOERR
+EXIT_STOPPED = 75  # sysexits EX_TEMPFAIL: try again (resume); not 128+N, which means killed without a checkpoint
+EXIT_INTERRUPTED = 130
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +50,13 @@ def dry_run(args: argparse.Namespace, rank: int) -> int:
         if world is not None and not world.strip().isdigit():
             raise ConfigError(f"WORLD_SIZE={world!r} is not a positive integer")
         from megamora.plan import format_plan, make_plan  # torch only once the config is good
+        from megamora.run import check_adapters
 
         plan = make_plan(cfg, world_size=int(world or 1), distributed=world is not None)
+        try:  # as the real run does: an adapter larger than its weight, a ReMoRA cycle changing r_hat
+            check_adapters(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -56,14 +73,35 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(args, rank)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    def say(line: str) -> None:  # what every rank agrees on is said once
+        if rank == 0:
+            print(line, file=sys.stderr)
+
     try:
         cfg = load_config(args.config, args.overrides)
-        from megamora.run import pretrain  # heavy imports after the config is known to be good
+        from megamora.checkpoint import SaveFailed  # heavy imports after the config is known to be good
+        from megamora.preemption import Preempted
+        from megamora.run import pretrain
+        from megamora.runlock import RunDirLocked
 
-        result = pretrain(cfg, progress_bar=cfg.logging.progress_bar)
-    except ConfigError as e:
+        try:
+            result = pretrain(cfg, progress_bar=cfg.logging.progress_bar)
+        except RunDirLocked as e:
+            say(f"error: {e}")
+            return EXIT_CONFIG
+        except SaveFailed as e:
+            say(f"error: {e}")
+            return EXIT_SAVE_FAILED
+        except Preempted as e:
+            say(str(e))
+            return EXIT_STOPPED
+    except ConfigError as e:  # every rank: a problem may be one node's own (a missing local file)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except KeyboardInterrupt:  # during set-up; once training runs, Ctrl-C stops it with a checkpoint
+        say("interrupted before training started; nothing saved")
+        return EXIT_INTERRUPTED
     finally:
         from megamora.distributed import destroy_distributed
 
@@ -72,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         ppl = result.final_eval.get("perplexity")
         print(f"run directory: {result.run_dir.resolve()}")
         if ppl is not None:
-            print(f"final validation perplexity: {ppl:.2f} over {result.final_eval['tokens']} tokens")
+            short = result.final_eval.get("validation_short")  # the split is shorter than eval tokens asked
+            print(f"final validation perplexity: {ppl:.2f} over {result.final_eval['tokens']} tokens"
+                  + (f" (the validation split holds fewer than the {result.final_eval['tokens_requested']} asked)"
+                     if short else ""))
     return 0
 
 

@@ -11,6 +11,7 @@ The tools in tools/ are thin command lines over these functions.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -51,6 +52,40 @@ def method_of(cfg: TrainConfig) -> str:
         return "Full-rank"
     name = {"lora": "LoRA", "mora": "MoRA"}[cfg.adapter.kind]
     return f"Re{name}" if cfg.restarts.every else name
+
+
+# Words of a run label that name a method; the rest of a label is free text.
+_METHOD_WORDS = {"lora": "LoRA", "mora": "MoRA", "relora": "ReLoRA", "remora": "ReMoRA", "full": "Full-rank",
+                 "fullrank": "Full-rank"}
+
+
+def label_note(name: str, method: str) -> Optional[str]:
+    """A note when the label a user gave a run names another method than the run's config.yaml.
+    The report's method column always follows config.yaml (`method_of`); the label is kept as typed."""
+    named = {_METHOD_WORDS[w] for w in re.split(r"[^a-z0-9]+", name.lower()) if w in _METHOD_WORDS}
+    if not named or method in named:
+        return None
+    return (f"run {name!r} is labelled {' / '.join(sorted(named))} but its config.yaml says {method}: "
+            f"the method column follows config.yaml")
+
+
+def _records(run_dir: str | Path, kind: str) -> list[dict]:
+    """read_metrics, with a damaged metrics.jsonl (e.g. a line cut short by a crash) named in one line."""
+    try:
+        return read_metrics(run_dir, kind)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: cannot read ({type(e).__name__}: {e})") from None
+
+
+def check_logged_adapter(run_dir: str | Path, cfg: TrainConfig) -> None:
+    """config.yaml must be the config of the run that logged metrics.jsonl (whose setup records name
+    the adapter kind): a config.yaml of another run would make the report name the wrong method."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = _records(run_dir, "setup") if path.is_file() else []
+    logged = {r.get("adapter_kind") for r in records} - {None}
+    if logged and logged != {cfg.adapter.kind}:
+        raise ValueError(f"{Path(run_dir) / 'config.yaml'} says adapter.kind={cfg.adapter.kind} but {path} was "
+                         f"logged by a {' / '.join(sorted(logged))} run: the run directory is inconsistent")
 
 
 def preset_of(cfg: ModelConfig) -> Optional[str]:
@@ -109,14 +144,17 @@ def evaluate_run(run_dir: str | Path, checkpoint: str | Path | None = None, toke
     batch = micro_batch_size if micro_batch_size is not None else cfg.micro_batch_size
     if batch < 1:
         raise ValueError(f"micro_batch_size={batch} must be positive")
-    # Data problems surface before the model is loaded.
-    sequences = validation_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), num_tokens)
+    # Data problems surface before the model is loaded. A split shorter than asked is evaluated whole
+    # and flagged, as the trainer does (a run's own short final eval is then reproduced).
+    sequences = validation_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), num_tokens, at_most=True)
+    short = sequences.shape[0] < max(1, num_tokens // cfg.data.seq_len)
     device = torch.device(device)
     _, model = load_merged_model(run_dir, ckpt)
     model.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         loss, count = evaluate_loss(model, sequences, batch, 0, 1, device)
-    return {"perplexity": perplexity(loss), "loss": loss, "tokens": count, "checkpoint": str(ckpt),
+    return {"perplexity": perplexity(loss), "loss": loss, "tokens": count, "tokens_requested": num_tokens,
+            **({"validation_short": True} if short else {}), "checkpoint": str(ckpt),
             "step": read_trainer_state(ckpt)["step"]}
 
 
@@ -137,7 +175,7 @@ def final_eval_record(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl")
-    records = read_metrics(run_dir, "eval")
+    records = _records(run_dir, "eval")
     if not records:
         raise ValueError(f"{path} has no eval record (recompute it with --eval)")
     last = max(r["step"] for r in records)
@@ -165,6 +203,7 @@ def summarize_run(name: str, run_dir: str | Path, *, recompute_eval: bool = Fals
                   threshold: float = 0.1, data_overrides: Sequence[str] = (), eval_tokens: Optional[int] = None,
                   device: str | torch.device = "cpu") -> RunSummary:
     cfg = run_config(run_dir)
+    check_logged_adapter(run_dir, cfg)
     if recompute_eval:
         ev = evaluate_run(run_dir, tokens=eval_tokens, data_overrides=data_overrides, device=device)
     else:
@@ -244,6 +283,9 @@ def write_report(summaries: Sequence[RunSummary], out_dir: str | Path, threshold
         f"Perplexity is exp of the token-weighted mean cross-entropy ({sources}). The paper column "
         "is filled for 250M and 1.3B runs of LoRA, MoRA, ReLoRA and ReMoRA.\n",
     ]
+    notes = [n for s in summaries if (n := label_note(s.name, s.method))]
+    if notes:
+        text.append("".join(f"Note: {n}.\n" for n in notes))
     if any(s.sv_counts is not None for s in summaries):
         paths["figure"] = plot_figure5(summaries, out / "figure5.png", threshold)
         text += [

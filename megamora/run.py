@@ -3,9 +3,17 @@ resume) and hand it to the Trainer. Inputs are checked before the run directory 
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -18,18 +26,27 @@ from megamora.checkpoint import (
     read_trainer_state,
     resolve_checkpoint,
 )
-from megamora.config import ConfigError, TrainConfig, to_dict, to_yaml
-from megamora.data import build_train_loader, check_data_source, validation_batches
+from megamora.config import ConfigError, TrainConfig, load_config, to_dict, to_yaml
+from megamora.data import (
+    build_train_loader,
+    check_data_source,
+    check_train_documents,
+    train_source,
+    validation_batches,
+)
 from megamora.distributed import (
     DistInfo,
+    barrier,
     init_distributed,
     process_group_active,
     set_activation_checkpointing,
 )
 from megamora.engines import build_engine, check_engine, engine_class
-from megamora.metrics import MetricsLogger
+from megamora.metrics import MetricsLogger, read_metrics
 from megamora.model import build_model, flops_per_token, materialize
 from megamora.optim import build_optimizer
+from megamora.preemption import StopSignals
+from megamora.runlock import lock_run_dir, unlock_run_dir
 from megamora.tokenizer import load_tokenizer
 from megamora.train import Trainer, grad_accum_steps
 
@@ -44,30 +61,75 @@ class RunResult:
     resumed_from: Path | None
 
 
-def check_inputs(cfg: TrainConfig, dist: DistInfo):
+def check_inputs(cfg: TrainConfig, dist: DistInfo) -> tuple[Any, torch.Tensor]:
     """Everything that can be wrong with the inputs, checked before any compute or file write;
-    raised as one-line ConfigErrors."""
+    raised as one-line ConfigErrors. Returns the tokenizer and the validation sequences (read here,
+    so that missing validation data is one of these errors)."""
     try:
         check_engine(cfg)
-        grad_accum_steps(cfg, dist.world_size)
+        streams = grad_accum_steps(cfg, dist.world_size) * dist.world_size
         check_data_source(cfg.data)
         tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({tokenizer.vocab_size})")
         if cfg.warm_start:
             resolve_checkpoint(cfg.warm_start)
         check_resume(cfg, dist)
+        check_adapters(cfg)
+        check_train_documents(cfg.data, streams)
+        validation = validation_batches(cfg.data, tokenizer, eval_tokens_asked(cfg), at_most=True)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({tokenizer.vocab_size})")
-    return tokenizer
+    return tokenizer, validation
+
+
+def eval_tokens_asked(cfg: TrainConfig) -> int:
+    return max(cfg.eval_tokens, cfg.final_eval_tokens or 0)
+
+
+def check_adapters(cfg: TrainConfig) -> None:
+    """One-line ValueError for adapters this model cannot take: one larger than the weight it adapts
+    (no saving over full-rank training, and a huge r runs for minutes before anyone notices), or a
+    ReMoRA cycle whose types change r_hat (M keeps its shape across restarts: MoRALinear._check_switch).
+    Built on the meta device: no memory, no init."""
+    if cfg.adapter.kind == "none":
+        return
+    model = build_model(cfg.model, device="meta")
+    adapters.apply_adapters(model, cfg.adapter)
+    cycle = cfg.restarts.mora_types if cfg.restarts.every else []
+    for name, layer in adapters.iter_adapters(model):  # every layer: shapes differ by module type
+        n_in, n_out = layer.in_features, layer.out_features
+        where = f"{name} ({n_in} -> {n_out}: {n_in * n_out} weights)"
+        if isinstance(layer, adapters.MoRALinear):
+            size, what = layer.r_hat**2, f"MoRA's M ({layer.r_hat} x {layer.r_hat})"
+        else:
+            size, what = layer.r * (n_in + n_out), "LoRA's A and B (r x (in + out))"
+        if size > n_in * n_out:
+            raise ValueError(f"adapter.r={cfg.adapter.r}: {what} would hold {size} parameters on {where}, "
+                             "more than the weight it adapts")
+        for t in cycle if isinstance(layer, adapters.MoRALinear) else ():
+            r_hat = adapters.mora_r_hat(n_in, n_out, layer.r, layer.r_hat_rule, t)
+            if r_hat != layer.r_hat:
+                raise ValueError(
+                    f"restarts.mora_types={list(cycle)}: type {t} has r_hat {r_hat} on {name} ({n_in} -> {n_out}), "
+                    f"adapter.mora_type={cfg.adapter.mora_type} has {layer.r_hat}; a restart cannot change r_hat "
+                    "(rotation and decouple round it down to even): pick another adapter.r or cycle")
+
+
+# What a resume may not change: what the checkpoint's weights, operator types and reader positions
+# were made with. Everything else (steps, eval / save cadence, keep_last, optim, parallel, logging)
+# may change; write_config records it.
+FROZEN = ("seed", "warm_start", "model", "adapter", "restarts", "data")
 
 
 def check_resume(cfg: TrainConfig, dist: DistInfo) -> None:
-    """A run directory's newest checkpoint must be loadable by this run's engine and data split."""
+    """A run directory's newest checkpoint must be loadable by this run: the settings of the run's
+    config.yaml that the checkpoint depends on, the engine and the data split."""
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is None:
         return
+    check_same_run(cfg, ckpt)
     state = read_trainer_state(ckpt)
     build_engine(cfg, dist).check_resume(state, ckpt)
     streams = grad_accum_steps(cfg, dist.world_size) * dist.world_size
@@ -76,12 +138,96 @@ def check_resume(cfg: TrainConfig, dist: DistInfo) -> None:
                          "(keep global_batch_size / micro_batch_size unchanged)")
 
 
+def check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
+    """Refuse a resume whose FROZEN settings differ from the run's config.yaml, naming every one.
+    Paths are compared by what they hold: the training files by the names the checkpoint's data
+    state recorded (the data may move), the tokenizer by its bytes."""
+    path = Path(cfg.run_dir) / "config.yaml"
+    if not path.is_file():  # a run directory from before config.yaml: nothing to compare with
+        return
+    try:
+        run_cfg = load_config(path)
+    except ConfigError as e:
+        raise ValueError(f"cannot resume {cfg.run_dir}: its config.yaml does not load ({e})") from None
+    moved = ("data.local_dir", "data.tokenizer")
+    differ = [k for k in config_changes(run_cfg, cfg) if k.split(".")[0] in FROZEN and k not in moved]
+    saved = saved_train_source(ckpt)  # None: a checkpoint from before sources were recorded
+    if saved != train_source(cfg.data) if saved else run_cfg.data.local_dir != cfg.data.local_dir:
+        differ.append("data.local_dir")
+    if run_cfg.data.tokenizer != cfg.data.tokenizer and not same_file(run_cfg.data.tokenizer, cfg.data.tokenizer):
+        differ.append("data.tokenizer")
+    if differ:
+        old, new = flat_config(run_cfg), flat_config(cfg)
+        what = "; ".join(f"{k}: {old.get(k)} (run) vs {new.get(k)} (this command)" for k in sorted(differ))
+        if "data.local_dir" in differ and old.get("data.local_dir") == new.get("data.local_dir"):
+            what += f" (the training files changed: {saved} in {ckpt.name}, {train_source(cfg.data)} now)"
+        raise ValueError(f"cannot resume {cfg.run_dir} with other settings than it was trained with: {what}; "
+                         "keep them, or start a new run_dir")
+
+
+def flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    """Dotted key -> value (lists stay whole)."""
+    def walk(prefix: str, d: dict) -> Iterator[tuple[str, Any]]:
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from walk(f"{prefix}{k}.", v)
+            else:
+                yield f"{prefix}{k}", v
+
+    return dict(walk("", to_dict(cfg)))
+
+
+def config_changes(old: TrainConfig, new: TrainConfig) -> dict[str, list]:
+    """Dotted key -> [old, new] of every setting that differs, run_dir aside (one directory, maybe
+    spelt differently)."""
+    a, b = flat_config(old), flat_config(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
+            if k != "run_dir" and a.get(k) != b.get(k)}
+
+
+def saved_train_source(ckpt: Path) -> str | None:
+    """The training data a checkpoint was read from (its data state's "source")."""
+    for f in sorted((ckpt / "data").glob("stream_*.json")):
+        return json.loads(f.read_text()).get("source")
+    return None
+
+
+def same_file(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_file() and pb.is_file() and pa.read_bytes() == pb.read_bytes()
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """Write config.yaml. One already there that differs (a resume that changes steps, cadence...;
+    check_resume refused every other change) is kept as config.<N>.yaml, N = 1, 2, ... Returns what
+    the setup record says about it: {} when nothing changed."""
+    path = run_dir / "config.yaml"
+    record: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            changes = config_changes(load_config(path), cfg)
+        except ConfigError:  # unreadable, and no checkpoint depends on it (check_resume)
+            changes = {"config.yaml": ["unreadable", "replaced"]}
+        if not changes:
+            return record  # the run's own file stays as it is
+        kept = next(f"config.{n}.yaml" for n in itertools.count(1) if not (run_dir / f"config.{n}.yaml").exists())
+        os.replace(path, run_dir / kept)
+        record = {"config_changes": changes, "previous_config": kept}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return record
+
+
 def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) -> tuple[Trainer, Path | None]:
-    tokenizer = check_inputs(cfg, dist)
+    tokenizer, validation = check_inputs(cfg, dist)
     run_dir = Path(cfg.run_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    lock_run_dir(run_dir, dist)  # before anything is written: one writer per run directory
+    config_record = write_config(run_dir, cfg) if dist.is_main else {}
+    asked = eval_tokens_asked(cfg)
+    if dist.is_main and validation.shape[0] < max(1, asked // cfg.data.seq_len):
+        log.warning("the validation split holds only %d tokens (%d sequences of %d), fewer than the %d eval tokens "
+                    "asked: evaluating on those", validation.shape[0] * cfg.data.seq_len, validation.shape[0],
+                    cfg.data.seq_len, asked)
 
     engine = build_engine(cfg, dist)
     model = build_model(cfg.model, device="meta")
@@ -97,8 +243,6 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     stream_ids = [a * dist.world_size + dist.rank for a in range(accum)]
     loader = build_train_loader(cfg.data, tokenizer, stream_ids=stream_ids, num_streams=accum * dist.world_size,
                                 micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
-    eval_tokens = max(cfg.eval_tokens, cfg.final_eval_tokens or 0)
-    validation = validation_batches(cfg.data, tokenizer, eval_tokens)
 
     restarts = None
     if cfg.restarts.every:
@@ -118,13 +262,32 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
         trainer.step = state["step"]
     metrics.log(trainer.step, {
         "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device), **engine.checkpoint_info(),
-        **summary, "resumed_from": str(ckpt) if ckpt else None,
+        **summary, "resumed_from": str(ckpt) if ckpt else None, **config_record,
     }, kind="setup")
     return trainer, ckpt
 
 
+def finished_eval(trainer: Trainer) -> dict[str, Any]:
+    """A run already at (or past) cfg.steps trains nothing: its final eval again, from metrics.jsonl,
+    else evaluated now. {} for a run that stopped early."""
+    cfg, step = trainer.cfg, trainer.step
+    if trainer.losses or step < cfg.steps:
+        return {}
+    if trainer.dist.is_main:
+        log.info("run %s is already at step %d (steps=%d): nothing to train", trainer.run_dir, step, cfg.steps)
+    has_metrics = (trainer.run_dir / "metrics.jsonl").is_file()
+    records = [r for r in read_metrics(trainer.run_dir, "eval") if r["step"] == step] if has_metrics else []
+    if records:  # every rank reads the same file: all take the same branch
+        return {k: v for k, v in records[-1].items() if k not in ("kind", "step")}
+    result = trainer.evaluate(cfg.final_eval_tokens)
+    trainer.metrics.log(step, result, kind="eval")
+    return result
+
+
 def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
-    """Train (or resume) the run described by `cfg` to `cfg.steps`. Works with or without torchrun."""
+    """Train (or resume) the run described by `cfg` to `cfg.steps`. Works with or without torchrun.
+    Holds the run directory's lock throughout (RunDirLocked if another run has it); SIGTERM, SIGINT or
+    SIGUSR1 end it after the current step with a checkpoint (Preempted); a failed save raises SaveFailed."""
     try:  # before a process group exists (DeepSpeed makes one even for one process)
         check_engine(cfg)
     except ValueError as e:
@@ -133,14 +296,17 @@ def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
     dist = init_distributed(cfg.parallel)
     try:
         trainer, ckpt = build_trainer(cfg, dist)
-        show = progress_bar and dist.is_main
+        show = progress_bar and dist.is_main and sys.stderr.isatty()  # else: the log lines every log_every
         try:
-            with logging_redirect_tqdm(), tqdm(total=cfg.steps, initial=trainer.step, desc="train",
-                                               dynamic_ncols=True, disable=not show) as progress:
-                final_eval = trainer.fit(progress)
+            with (logging_redirect_tqdm(), StopSignals() as stop,
+                  tqdm(total=cfg.steps, initial=trainer.step, desc="train", dynamic_ncols=True,
+                       disable=not show) as progress):
+                final_eval = trainer.fit(progress, stop) or finished_eval(trainer)
+            barrier()  # no rank tears down gloo while another still talks to it
         finally:
             trainer.metrics.close()
     finally:
+        unlock_run_dir(cfg.run_dir)
         if not had_group and not dist.launched and process_group_active():  # the group of one made above
             engine_class(cfg.parallel.engine).destroy_process_group()
     return RunResult(Path(cfg.run_dir), trainer.losses, final_eval, ckpt)

@@ -21,6 +21,7 @@ from megamora.engines import Engine
 from megamora.evaluate import evaluate_loss, perplexity
 from megamora.metrics import MetricsLogger, Throughput, peak_memory_gib
 from megamora.optim import lr_at
+from megamora.preemption import Preempted, StopSignals
 
 
 class RestartHook(Protocol):
@@ -42,6 +43,17 @@ def micro_batch_seed(seed: int, step: int, stream_id: int) -> int:
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.grad_accum_steps(world_size)
+
+
+def global_data_stats(stats: dict[str, int], dist: DistInfo) -> dict[str, int]:
+    """The data counters of all ranks: sums, except `epochs`, the most over ranks (as on one rank).
+    A collective: every rank calls it at the same step."""
+    keys = sorted(k for k in stats if k != "epochs")  # the same order on every rank
+    epochs = [0.0] * dist.world_size  # one slot per rank: a sum that gathers them, for the max
+    epochs[dist.rank] = float(stats.get("epochs", 0))
+    totals = all_reduce_sum([float(stats[k]) for k in keys] + epochs, dist.device)  # fp64: exact ints
+    out = {k: int(v) for k, v in zip(keys, totals)} | {"epochs": int(max(totals[len(keys):]))}
+    return {k: out[k] for k in stats}  # in the loader's order
 
 
 @dataclass
@@ -86,13 +98,21 @@ class Trainer:
         return total / (self.accum * self.dist.world_size), grad_norm
 
     def evaluate(self, num_tokens: int | None = None) -> dict[str, float]:
+        """Loss and perplexity over the first `num_tokens` validation tokens (None: all loaded). The
+        record has the tokens evaluated and those asked (whole sequences: a few less), and
+        validation_short when the validation split held fewer sequences than asked (it is then
+        evaluated whole, see run.check_inputs)."""
         seqs = self.validation
-        if num_tokens is not None:
-            seqs = seqs[: max(1, num_tokens // (seqs.shape[1] - 1))]
+        asked = num_tokens if num_tokens is not None else max(self.cfg.eval_tokens, self.cfg.final_eval_tokens or 0)
+        want = max(1, asked // (seqs.shape[1] - 1))
+        seqs = seqs[:want]
         with self.engine.autocast():
             loss, tokens = evaluate_loss(self.engine.model, seqs, self.cfg.micro_batch_size, self.dist.rank,
                                          self.dist.world_size, self.dist.device)
-        return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
+        record = {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens, "tokens_requested": asked}
+        if seqs.shape[0] < want:
+            record["validation_short"] = True
+        return record
 
     def save(self) -> Path:
         state = {"num_streams": self.accum * self.dist.world_size}
@@ -101,7 +121,9 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.engine, state,
                                self.loader.state_dict(), self.cfg.keep_last, self.dist.is_main)
 
-    def fit(self, progress=None) -> dict[str, float]:
+    def fit(self, progress=None, stop: StopSignals | None = None) -> dict[str, float]:
+        """Train to cfg.steps. With `stop`, a signal ends the run after the current step with a
+        checkpoint and Preempted."""
         cfg = self.cfg
         tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
         meter = Throughput(self.flops_per_token, self.dist.world_size, self.dist.device)
@@ -121,7 +143,7 @@ class Trainer:
                 self.metrics.log(self.step, {"loss": loss, "lr": lr, "grad_norm": grad_norm,
                                              "step_time_s": step_time, **meter.measure(),
                                              "peak_memory_gib": peak_memory_gib(self.dist.device),
-                                             "data": self.loader.stats()})
+                                             "data": global_data_stats(self.loader.stats(), self.dist)})
             if self.restarts is not None and self.restarts.due(self.step):
                 event = self.restarts.apply(self.step, self.engine.module, self.engine.optimizer)
                 self.metrics.log(self.step, event, kind="restart")
@@ -129,6 +151,13 @@ class Trainer:
             if final or (cfg.eval_every and self.step % cfg.eval_every == 0):
                 last_eval = self.evaluate(cfg.final_eval_tokens if final else cfg.eval_tokens)
                 self.metrics.log(self.step, last_eval, kind="eval")
+            saved = None
             if final or (cfg.save_every and self.step % cfg.save_every == 0):
-                self.save()
+                saved = self.save()
+            # Collective, so every rank stops after this same step; not after the last one.
+            signame = stop.requested(self.dist.device) if stop is not None and not final else None
+            if signame:
+                saved = saved or self.save()
+                self.metrics.log(self.step, {"signal": signame, "checkpoint": str(saved)}, kind="stop")
+                raise Preempted(signame, self.step, saved)
         return last_eval

@@ -4,7 +4,11 @@
     python tools/report.py --runs lora=runs/a mora=runs/b relora=runs/c remora=runs/d --out report/
 
 Writes report.md, figure5.png and results.json to --out. Perplexity is each run's final eval record
-(metrics.jsonl); --eval recomputes it from the newest checkpoint, as tools/eval_ppl.py does."""
+(metrics.jsonl); --eval recomputes it from the newest checkpoint, as tools/eval_ppl.py does.
+
+A run's method (LoRA, MoRA, ReLoRA, ReMoRA, Full-rank) is read from its own config.yaml, never from
+NAME: a NAME that names another method is kept as typed, and a note says so (here and in report.md).
+A run directory whose config.yaml is not that of the run that logged metrics.jsonl is refused."""
 
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     args = parser.parse_args(argv)
     try:
-        from megamora.report import pick_device, summarize_run, table3_markdown, write_report
+        from megamora.report import label_note, pick_device, summarize_run, table3_markdown, write_report
 
         runs = [parse_run(s) for s in args.runs]
         names = [n for n, _ in runs]
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2
     print(table3_markdown(summaries))
+    for s in summaries:
+        if note := label_note(s.name, s.method):
+            print(f"note: {note}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
