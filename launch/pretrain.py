@@ -1,7 +1,8 @@
 """Pretraining entry point.
 
     python launch/pretrain.py --config configs/smoke/full.yaml [section.key=value ...]
-    torchrun --nproc_per_node 8 launch/pretrain.py --config configs/table3/250m/mora.yaml run_dir=runs/x
+    torchrun --nproc_per_node 8 launch/pretrain.py \
+        --config configs/table3/250m/base.yaml configs/table3/250m/mora.yaml run_dir=runs/x
     deepspeed --num_gpus 8 launch/pretrain.py --config ... parallel.engine=deepspeed parallel.zero_stage=2
     ... --dry-run   # print the plan (batch, parameters, FLOPs, memory per rank) and exit
 
@@ -30,7 +31,8 @@ EXIT_INTERRUPTED = 130
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Pretrain a LLaMA with LoRA / MoRA / full-rank updates.")
-    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--config", nargs="+", action="extend", metavar="FILE",
+                        help="YAML config files, merged in order (a later file wins): a base file, then deltas")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (engine, world size, batch, tokens, parameters, FLOPs, estimated "
                              "memory per rank) and exit: the model is built on the meta device only, no process "
@@ -39,7 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # The deepspeed launcher passes --local_rank=N; the rank comes from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 adapter.kind=mora")
-    return parser.parse_intermixed_args(argv)
+    # A key=value word is an override wherever it stands: `--config a.yaml b.yaml steps=5` would otherwise
+    # hand steps=5 to --config's file list. Taken out first, the overrides keep their command-line order.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    is_override = ["=" in a and not a.startswith("-") for a in argv]
+    args = parser.parse_intermixed_args([a for a, o in zip(argv, is_override) if not o])
+    args.overrides = [a for a, o in zip(argv, is_override) if o] + args.overrides  # the rest is a one-line error
+    return args
 
 
 def dry_run(args: argparse.Namespace, rank: int) -> int:

@@ -1,8 +1,9 @@
 """Typed run configuration: dataclasses, YAML files, dotted command-line overrides.
 
-A config is built in three layers, later ones winning: the dataclass defaults, a YAML file, and
-`section.key=value` overrides. A model preset (e.g. `model.preset: 250m`) fills the shape fields
-that neither the YAML nor the command line set. Unknown keys and badly typed values raise
+A config is built in layers, later ones winning: the dataclass defaults, YAML files in the order
+given (a base file, then per-method deltas), and `section.key=value` overrides. A model preset (e.g.
+`model.preset: 250m`, in any of the files) fills the shape fields that neither a YAML file nor the
+command line set. Unknown keys and badly typed values raise
 `ConfigError` with one line naming them, before anything is built.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -143,7 +144,8 @@ class TrainConfig:
     save_every: int = 1000  # 0: save only at the end
     keep_last: int = 2
     # ReLoRA's full-rank warm start: a checkpoint (or run directory: its newest checkpoint) of a
-    # full-rank run whose weights this run starts from instead of the seeded initialisation.
+    # full-rank run, or a Hugging Face LlamaForCausalLM folder (safetensors), whose weights this run
+    # starts from instead of the seeded initialisation.
     warm_start: Optional[str] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -188,13 +190,29 @@ def mora_type_key(value: str) -> str | None:
     return MORA_TYPE_ALIASES.get(key, key) if key in MORA_TYPE_NAMES else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Build a validated TrainConfig from an optional YAML file and `a.b=value` overrides."""
+ConfigPaths = Union[str, Path, Sequence[Union[str, Path]], None]
+
+
+def config_files(paths: ConfigPaths) -> list[Path]:
+    """None, one path or a sequence of paths, as a list (a str is one path, not a sequence)."""
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def load_config(paths: ConfigPaths = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Build a validated TrainConfig from YAML files and `a.b=value` overrides.
+
+    `paths` is None, one file or a sequence of files, merged in order (a later file wins key by key;
+    lists are replaced whole), then the overrides, then the preset's shape fields under all of them.
+    """
     try:
         schema = OmegaConf.structured(TrainConfig)
         layers = []
-        if path is not None:
-            if not Path(path).is_file():
+        for path in config_files(paths):
+            if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
             layers.append(OmegaConf.load(path))
         for item in overrides:
