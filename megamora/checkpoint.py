@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from torch.distributed.checkpoint import CheckpointException
 from megamora.distributed import barrier, process_group_active
 from megamora.engines import Engine, engine_class
 from megamora.engines.tensors import set_full_
+
+if TYPE_CHECKING:
+    from megamora.config import ModelConfig
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -211,21 +214,53 @@ def _listed_keys(message: str, kind: str) -> list[str]:
     return re.findall(r'"([^"]+)"', line)
 
 
+def resolve_warm_start(path: str | Path) -> Path:
+    """What warm_start= names: a Hugging Face LlamaForCausalLM folder (its config.json and safetensors
+    headers checked; no weight read), else a full-rank checkpoint or a run directory standing for its
+    newest one (resolve_checkpoint). Fails in one line."""
+    from megamora.hf import is_hf_folder, read_hf_folder
+
+    path = Path(path)
+    if is_hf_folder(path):
+        read_hf_folder(path)
+        return path
+    return resolve_checkpoint(path)
+
+
+def check_warm_start(path: str | Path, model_cfg: "ModelConfig") -> Path:
+    """resolve_warm_start, and for a Hugging Face folder that its model is this run's: one line naming
+    every setting that differs, with both values (a checkpoint's shapes are checked as it loads)."""
+    from megamora.hf import is_hf_folder, model_differences, read_hf_folder
+
+    resolved = resolve_warm_start(path)
+    if is_hf_folder(resolved):
+        differ = model_differences(read_hf_folder(resolved).model_cfg, model_cfg)
+        if differ:
+            what = "; ".join(f"{k}={a} in the folder vs {b} in this run" for k, (a, b) in differ.items())
+            raise ValueError(f"warm_start={path} holds another model than this run's: {what}")
+    return resolved
+
+
 @torch.no_grad()
 def load_base_weights(path: str | Path, model: nn.Module) -> None:
-    """Load a full-rank checkpoint's weights into `model` (plain or sharded), whose targeted layers
-    may be wrapped by adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own
-    initial values. Every rank reads the whole checkpoint and keeps its own part."""
+    """Load a full-rank checkpoint's weights, or a Hugging Face LlamaForCausalLM folder's (see
+    resolve_warm_start), into `model` (plain or sharded), whose targeted layers may be wrapped by
+    adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own initial values.
+    Every rank reads the whole checkpoint and keeps its own part."""
     from megamora.engines.fsdp2 import CheckpointMismatch
+    from megamora.hf import is_hf_folder, load_hf_weights, read_hf_folder
     from megamora.model import build_model
 
     source = build_model(model.cfg, device="meta")
     source.to_empty(device="cpu")
     source.tie_weights()
-    try:
-        load_model_weights(path, source)
-    except CheckpointMismatch as e:  # e.g. warm_start= names an adapter run
-        raise ValueError(f"{path}: is not a full-rank checkpoint of this model's shapes: {e.detail}") from None
+    if is_hf_folder(path):
+        load_hf_weights(read_hf_folder(path), source)  # fp32: cast from the folder's dtype
+    else:
+        try:
+            load_model_weights(path, source)
+        except CheckpointMismatch as e:  # e.g. warm_start= names an adapter run
+            raise ValueError(f"{path}: is not a full-rank checkpoint of this model's shapes: {e.detail}") from None
     weights = dict(source.named_parameters())
     for name, param in model.named_parameters():
         plain = name.replace(".base.", ".")

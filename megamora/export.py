@@ -15,7 +15,7 @@ from megamora.checkpoint import (
     load_base_weights,
     load_model_weights,
     read_trainer_state,
-    resolve_checkpoint,
+    resolve_warm_start,
 )
 from megamora.config import TrainConfig, load_config
 from megamora.engines.fsdp2 import CheckpointMismatch
@@ -56,10 +56,11 @@ def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None)
 
 
 def initial_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """W_init of a run: reproduced exactly from its config and seed, or its warm-start checkpoint."""
+    """W_init of a run: reproduced exactly from its config and seed, or its warm start (a full-rank
+    checkpoint or a Hugging Face folder)."""
     cfg = run_config(run_dir)
     if cfg.warm_start:
         model = build_model(cfg.model, device="cpu")
-        load_base_weights(resolve_checkpoint(cfg.warm_start), model)
+        load_base_weights(resolve_warm_start(cfg.warm_start), model)
         return model.state_dict()
     return initial_state_dict(cfg.model, cfg.seed)

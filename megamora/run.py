@@ -20,11 +20,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megamora import adapters
 from megamora.checkpoint import (
+    check_warm_start,
     latest_checkpoint,
     load_base_weights,
     load_checkpoint,
     read_trainer_state,
-    resolve_checkpoint,
+    resolve_warm_start,
 )
 from megamora.config import ConfigError, TrainConfig, load_config, to_dict, to_yaml
 from megamora.data import (
@@ -73,8 +74,8 @@ def check_inputs(cfg: TrainConfig, dist: DistInfo) -> tuple[Any, torch.Tensor]:
         if tokenizer.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({tokenizer.vocab_size})")
-        if cfg.warm_start:
-            resolve_checkpoint(cfg.warm_start)
+        if cfg.warm_start:  # a checkpoint, or a Hugging Face folder of this run's model shape
+            check_warm_start(cfg.warm_start, cfg.model)
         check_resume(cfg, dist)
         check_adapters(cfg)
         check_train_documents(cfg.data, streams)
@@ -236,7 +237,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     engine.shard(model)
     materialize(model, dist.device, cfg.seed, cfg.model.init_std)
     if cfg.warm_start and latest_checkpoint(run_dir) is None:
-        load_base_weights(resolve_checkpoint(cfg.warm_start), model)
+        load_base_weights(resolve_warm_start(cfg.warm_start), model)
     engine.setup(model, build_optimizer(model, cfg.optim))
 
     accum = grad_accum_steps(cfg, dist.world_size)
