@@ -14,7 +14,7 @@ export WANDB_MODE ?= disabled
 # DeepSpeed JIT-builds a communication op on first use (about 30 s on CPU): keep it in the venv.
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean reproduce
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(PY) launch/pretrain.py --config configs/smoke/full.yaml run_dir=$(RUN_DIR)
+
+# The paper's comparison at CPU scale: 5 methods x 3 seeds, then report.md / figures in the folder.
+# Stop it at any time; run it again to resume.
+SEEDS ?= 0 1 2
+REPRODUCE_DIR ?= runs/reproduce-cpu
+reproduce: install
+	$(PY) tools/reproduce.py --recipe cpu --seeds $(SEEDS) --out $(REPRODUCE_DIR)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,0 +1,390 @@
+"""tools/reproduce.py end to end on a tiny recipe (two methods, two seeds, a 2-step warm start, 4-step
+runs), its resume and skip of finished runs, bad input, the SLURM dependency chain with a fake
+sbatch, and the report's aggregation (mean / sd, paired differences, verdicts) on synthetic numbers.
+
+The reproduction runs once per module (module-scoped fixture); every later test reads it."""
+
+import fcntl
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamora.comparison import (
+    Paired,
+    RunResult,
+    paired,
+    smooth,
+    spread,
+    summarize,
+    verdict,
+    write_comparison,
+)
+from megamora.metrics import read_metrics
+from megamora.recipes import load_recipe
+from megamora.reproduce import Progress, RunSpec
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "reproduce.py"
+
+
+def write_recipe(root: Path, shared_data: Path, *, warm_start_steps: int = 2, name: str = "tiny") -> Path:
+    """A recipe small enough for 2 cores: the tiny model of test_train.py, 4 steps per run."""
+    cfg = root / "configs"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "base.yaml").write_text(f"""\
+steps: 4
+global_batch_size: 4
+micro_batch_size: 2
+eval_every: 2
+eval_tokens: 512
+save_every: 2
+keep_last: 2
+model: {{dim: 32, ffn_dim: 64, n_layers: 2, n_heads: 2}}
+data:
+  local_dir: {shared_data}/c4-sample/en
+  tokenizer: {shared_data}/tokenizers/t5-base/spiece.model
+  seq_len: 32
+  shuffle_buffer: 16
+optim: {{lr: 1e-2, warmup_steps: 1}}
+logging: {{log_every: 1, progress_bar: false}}
+""")
+    (cfg / "full.yaml").write_text("adapter: {kind: none}\n")
+    (cfg / "lora.yaml").write_text("adapter: {kind: lora, r: 4, alpha: 8}\n")
+    (cfg / "mora.yaml").write_text("adapter: {kind: mora, r: 4}\n")
+    (cfg / "remora.yaml").write_text("adapter: {kind: mora, r: 4}\nrestarts: {every: 2, warmup: 1}\n")
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(f"""\
+description: tiny test recipe
+base: [configs/base.yaml]
+warm_start_steps: {warm_start_steps}
+methods:
+  lora: configs/lora.yaml
+  mora: configs/mora.yaml
+extra_methods:
+  full: configs/full.yaml
+  remora: configs/remora.yaml
+paper: null
+""")
+    return recipe
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+            "WANDB_MODE": "disabled", **extra}
+
+
+def reproduce(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(TOOL), *map(str, args)], env=env(), capture_output=True, text=True,
+                          timeout=600, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"reproduce {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tool_json(name: str, argv: list, capsys) -> dict:
+    """A tool's main() in this process (the same code path as its command line, without a torch import)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert load_tool(name).main(list(map(str, argv))) == 0
+    finally:
+        torch.set_num_threads(before)
+    return json.loads(capsys.readouterr().out)
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def locked(path: Path) -> bool:
+    """Whether a run holds its run directory's flock (a dead one, zombie or not, holds none)."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+@pytest.fixture(scope="module")
+def reproduced(shared_data, tmp_path_factory):
+    """The tiny recipe, seeds 0 and 1, killed (SIGKILL) during its first run, then run again to the end."""
+    root = tmp_path_factory.mktemp("reproduce")
+    recipe = write_recipe(root, shared_data)
+    out = root / "out"
+    cmd = [sys.executable, str(TOOL), "--recipe", recipe, "--seeds", "0", "1", "--out", out]
+    first = subprocess.Popen(list(map(str, cmd)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock, deadline = out / "runs" / "warmstart-seed0" / ".lock", time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)  # the command dies; its run gets SIGTERM (PDEATHSIG) and stops
+    first.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while lock.exists() and locked(lock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not (lock.exists() and locked(lock)), "the run outlived the killed command"
+    second = reproduce(*cmd[2:])
+    return {"root": root, "recipe": recipe, "out": out, "first": first, "second": second}
+
+
+def test_report_files_and_numbers_equal_the_tools(reproduced, capsys):
+    out = reproduced["out"]
+    for name in ("report.md", "results.json", "figure4.png", "figure5.png", "recipe.json"):
+        assert (out / name).is_file(), name
+    assert (out / "figure4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("lora", 0), ("lora", 1), ("mora", 0), ("mora", 1)]
+    assert results["missing"] == []
+    for run in results["runs"]:
+        run_dir = out / "runs" / f"{run['method']}-seed{run['seed']}"
+        assert read_metrics(run_dir, "setup")[0]["adapter_kind"] == run["method"]
+        ppl = tool_json("eval_ppl", [run_dir, "--device", "cpu"], capsys)
+        assert ppl["step"] == run["step"] == 4
+        assert ppl["tokens"] == run["tokens"]
+        assert ppl["perplexity"] == pytest.approx(run["perplexity"], rel=1e-5)  # the run's own final eval
+        counts = tool_json("count_singular_values", [run_dir, "--json"], capsys)
+        assert counts == run["sv_counts"]
+        assert set(run["ranks"]) == set(counts)
+    summary = results["summary"]
+    lora = [r["perplexity"] for r in results["runs"] if r["method"] == "lora"]
+    assert summary["lora"]["perplexity"]["mean"] == pytest.approx(sum(lora) / 2)
+    assert summary["lora"]["per_seed"] == {"0": lora[0], "1": lora[1]}
+    assert summary["mora"]["sv_counts"]["q_proj"]["n"] == 2
+    # warm-started: W_init of dW is the warm start's weights; the method runs start where it ended
+    cfg = (out / "runs" / "mora-seed1" / "config.yaml").read_text()
+    assert f"warm_start: {out / 'runs' / 'warmstart-seed1'}" in cfg
+    assert [w["step"] for w in results["warm_starts"]] == [2, 2]
+    report = (out / "report.md").read_text()
+    for needle in ("## Table 3", "## Figure 4", "## Figure 5", "## Verdict", "MoRA", "LoRA", "Paired by seed"):
+        assert needle in report, needle
+    assert "run 1/6 warmstart-seed0: started" in reproduced["second"].stderr
+
+
+def test_interrupted_reproduction_resumes_and_skips_finished_runs(reproduced, shared_data):
+    out, recipe = reproduced["out"], reproduced["recipe"]
+    # The SIGKILL of the command stopped its run: that run resumed or restarted, the rest ran once.
+    assert reproduced["first"].returncode == -signal.SIGKILL
+    setups = read_metrics(out / "runs" / "warmstart-seed0", "setup")
+    assert len(setups) >= 1 and read_metrics(out / "runs" / "lora-seed0", "setup")[0]["resumed_from"] is None
+
+    # Now lose the last run's final checkpoint and its records after step 2, as a kill after step 2 would.
+    last = out / "runs" / "mora-seed1"
+    final_ppl = read_metrics(last, "eval")[-1]["perplexity"]
+    shutil.rmtree(last / "checkpoints" / "step_00000004")
+    lines = [l for l in (last / "metrics.jsonl").read_text().splitlines() if json.loads(l)["step"] <= 2]
+    (last / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    others = {name: snapshot(out / "runs" / name) for name in
+              ("warmstart-seed0", "warmstart-seed1", "lora-seed0", "lora-seed1", "mora-seed0")}
+    proc = reproduce("--recipe", recipe, "--seeds", "0", "1", "--out", out)
+    for name, files in others.items():
+        assert f"skip {name}: finished" in proc.stderr
+        assert snapshot(out / "runs" / name) == files, name  # finished runs untouched
+    assert "run 1/1 mora-seed1: started, resuming at step 2" in proc.stderr
+    assert read_metrics(last, "setup")[-1]["resumed_from"].endswith("step_00000002")
+    assert read_metrics(last, "eval")[-1]["perplexity"] == final_ppl  # bitwise resume
+
+    # More seeds or methods of the same recipe go into the same folder (checked, not run: --dry-run).
+    more = reproduce("--recipe", recipe, "--seeds", "0", "1", "2", "--methods", "lora", "mora", "remora",
+                     "--out", out, "--dry-run")
+    assert "remora-seed2 (to run)" in more.stdout and "lora-seed0 (finished)" in more.stdout
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_bad_input_is_one_line_and_runs_nothing(reproduced, shared_data, tmp_path):
+    recipe, out = reproduced["recipe"], reproduced["out"]
+    fresh = tmp_path / "fresh"
+    other = write_recipe(tmp_path / "other", shared_data, name="other")
+    cases = {
+        "method": (["--recipe", recipe, "--seeds", "0", "--methods", "lora", "dora", "--out", fresh],
+                   ["unknown method 'dora'", "valid: lora, mora, full, remora"]),
+        "recipe": (["--recipe", "no-such-recipe", "--out", fresh],
+                   ["'no-such-recipe' not found", "cpu", "table3-250m"]),
+        "seed": (["--recipe", recipe, "--seeds", "0", "x", "--out", fresh], ["seed 'x' is not an integer"]),
+        "negative seed": (["--recipe", recipe, "--seeds", "-1", "--out", fresh], ["-1"]),
+        "other recipe": (["--recipe", other, "--seeds", "0", "--out", out], ["recipe 'tiny'", "not 'other'"]),
+        "other settings": (["--recipe", recipe, "--seeds", "0", "--out", out, "optim.lr=0.5"],
+                           ["other settings", "optim.lr: 0.01 (DIR) vs 0.5"]),
+        "plan key": (["--recipe", recipe, "--seeds", "0", "--out", fresh, "seed=3"], ["seed= is set per run"]),
+        "bad config": (["--recipe", recipe, "--seeds", "0", "--out", fresh, "model.dimm=3"], ["model.dimm"]),
+        "adapter too big": (["--recipe", recipe, "--seeds", "0", "--out", fresh, "adapter.r=64"], ["adapter.r=64"]),
+    }
+    procs = {k: subprocess.Popen([sys.executable, str(TOOL), *map(str, argv)], env=env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, (argv, _) in cases.items()}
+    for key, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), *cases[key][1])
+    assert not fresh.exists()  # nothing written
+
+
+def test_slurm_launcher_chains_warm_starts_methods_and_report(shared_data, tmp_path):
+    recipe = write_recipe(tmp_path, shared_data)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch.calls"
+    bin_dir.mkdir()
+    sbatch = bin_dir / "sbatch"
+    sbatch.write_text(f"""#!/bin/sh
+n=$(( $(cat {calls} 2>/dev/null | wc -l) + 101 ))
+printf '%s\\n' "$*" >> {calls}
+echo "Submitted batch job $n"
+""")
+    sbatch.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(TOOL), "--recipe", str(recipe), "--seeds", "0", "1", "--out", str(out),
+                           "--launcher", "slurm", "--sbatch-args", "--partition gpu --nodes 2"],
+                          env=env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = calls.read_text().splitlines()
+    assert len(jobs) == 7  # 2 warm starts, 4 method runs, 1 report
+    ids = {}
+    for line in proc.stdout.splitlines():  # "submitted lora-seed0: job 103 (after 101)"
+        name, job = line.removeprefix("submitted ").split(": job ")
+        ids[name] = job.split()[0]
+    assert ids == {"warmstart-seed0": "101", "warmstart-seed1": "102", "lora-seed0": "103", "mora-seed0": "104",
+                   "lora-seed1": "105", "mora-seed1": "106", "report": "107"}
+    assert "--dependency" not in jobs[0] and "launch/slurm.sbatch" in jobs[0] and "steps=2" in jobs[0]
+    assert "--partition gpu --nodes 2" in jobs[0]
+    for line, dep in zip(jobs[2:6], ("101", "101", "102", "102")):
+        assert f"--dependency=afterok:{dep} " in line
+        assert f"warm_start={out / 'runs' / 'warmstart-seed'}{0 if dep == '101' else 1}" in line
+        assert f"--output={out / 'runs'}" in line
+    assert "--dependency=afterok:101:102:103:104:105:106" in jobs[6] and "--report-only" in jobs[6]
+    assert "--partition" not in jobs[6]
+    assert json.loads((out / "recipe.json").read_text())["seeds"] == [0, 1]
+
+
+# --------------------------------------------------------------------------- aggregation, synthetic
+
+
+def result(method: str, seed: int, ppl: float, sv: float) -> RunResult:
+    counts = {k: sv for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    steps = list(range(10, 310, 10))
+    return RunResult(method=method, seed=seed, run_dir=f"runs/{method}-seed{seed}", step=300, perplexity=ppl,
+                     tokens=1000, sv_counts=counts, ranks={k: 2 * v for k, v in counts.items()},
+                     train=[(s, 8 - s / 100 + 0.1 * seed) for s in steps], evals=[(100, ppl * 2), (300, ppl)],
+                     restarts=[75, 150, 225] if method.startswith("re") else [])
+
+
+def synthetic() -> list[RunResult]:
+    ppl = {"lora": (800, 700, 900), "relora": (780, 690, 870), "mora": (600, 620, 580), "remora": (590, 600, 570)}
+    sv = {"lora": 3, "relora": 8, "mora": 45, "remora": 90}
+    return [result(m, s, ppl[m][s], sv[m] + s) for m in ppl for s in range(3)]
+
+
+def test_spread_and_pairs():
+    sp = spread([1.0, 2.0, 3.0])
+    assert (sp.mean, sp.sd, sp.min, sp.max, sp.n) == (2.0, 1.0, 1.0, 3.0, 3)
+    assert spread([5.0]).sd is None
+    with pytest.raises(ValueError):
+        spread([])
+    res = synthetic()
+    p = paired(res, "mora", "lora")
+    assert p.seeds == [0, 1, 2] and p.n_lower == 3
+    assert p.rel[0] == pytest.approx(0.25)
+    assert p.sentence() == "MoRA lower than LoRA on 3/3 seeds, by 11.4-35.6%"
+    assert Paired("mora", "lora", [0, 1], 1, {0: 0.1, 1: -0.05}).sentence() == \
+        "MoRA lower than LoRA on 1/2 seeds (relative difference -5.0 to +10.0%, positive where MoRA is lower)"
+    assert Paired("remora", "mora", [0], 0, {0: -0.02}).sentence() == "ReMoRA higher than MoRA on 1/1 seeds, by 2.0%"
+    s = summarize(res, "lora", "250m")
+    assert s.perplexity.mean == 800 and s.perplexity.sd == pytest.approx(100) and s.paper == 33.40
+    assert s.per_seed == {0: 800, 1: 700, 2: 900} and s.sv_mean_per_seed == {0: 3, 1: 4, 2: 5}
+    assert smooth([1.0, 2.0, 3.0, 4.0, 5.0], fraction=0.6) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert smooth([0.0, 3.0, 0.0, 3.0, 0.0], fraction=0.6) == [0.0, 1.0, 2.0, 1.0, 0.0]
+
+
+def test_verdicts_from_the_numbers():
+    res = synthetic()
+    summaries = {m: summarize(res, m) for m in ("lora", "mora", "relora", "remora")}
+    v = verdict(summaries, res)
+    assert v.ppl_agrees is True and v.sv_agrees is True
+    assert "Here, by mean perplexity: ReMoRA (586.7) < MoRA (600.0) < ReLoRA (780.0) < LoRA (800.0): **agrees**" \
+        in v.ppl_lines[0]
+    assert "The whole ordering holds on 3/3 seeds" in v.ppl_lines[1]
+    assert "Paired by seed: MoRA lower than ReLoRA on 3/3 seeds, by 10.1-33.3%." in v.ppl_lines
+    assert any(l.startswith("MoRA 46.0 vs LoRA 4.0 singular values") and "9.4-15.0 times" in l for l in v.sv_lines)
+    # LoRA better than MoRA on seed 1, ReLoRA counts close to MoRA's: both verdicts turn
+    res[1].perplexity = 500.0
+    for r in res:
+        if r.method == "relora":
+            r.sv_counts = {k: 40.0 for k in r.sv_counts}
+    summaries = {m: summarize(res, m) for m in ("lora", "mora", "relora", "remora")}
+    v = verdict(summaries, res)
+    assert v.ppl_agrees is False and "**differs**" in v.ppl_lines[0]
+    assert "Paired by seed: MoRA lower than LoRA on 2/3 seeds (relative difference -24.0 to +35.6%" \
+        in " ".join(v.ppl_lines)
+    assert v.sv_agrees is False and "below 2x on some seed" in " ".join(v.sv_lines)
+    one = {"lora": summaries["lora"]}
+    assert verdict(one, res).ppl_agrees is None and verdict(one, res).sv_agrees is None
+
+
+def test_report_on_synthetic_runs(tmp_path):
+    res = synthetic()
+    warm = [RunResult("warmstart", s, f"w{s}", 200, 900.0, 1000, {}, {},
+                      train=[(x, 9 - x / 50) for x in range(10, 210, 10)], evals=[(100, 2000.0), (200, 900.0)])
+            for s in range(3)]
+    paths = write_comparison(res, tmp_path, recipe="synthetic", methods=["lora", "mora", "relora", "remora"],
+                             seeds=[0, 1, 2], paper="1b", warm=warm, missing=["full-seed0"])
+    report = paths["report"].read_text()
+    assert "| LoRA | 3 | 1000 | 800.00 ± 100.00 | 700.00-900.00 | 800.00 | 700.00 | 900.00 | 28.56 |" in report
+    assert "Not finished (left out): full-seed0." in report
+    data = json.loads(paths["results"].read_text())
+    assert data["verdict"]["perplexity_agrees"] is True and data["summary"]["mora"]["paper"] == 25.25
+    assert paths["figure4"].stat().st_size > 10_000 and paths["figure5"].stat().st_size > 10_000
+    with pytest.raises(ValueError):
+        write_comparison([], tmp_path, recipe="x", methods=["lora"], seeds=[0])
+
+
+def test_recipes_in_the_repo_load():
+    cpu = load_recipe("cpu")
+    assert list(cpu.methods) == ["full", "lora", "mora", "relora", "remora"]
+    assert cpu.warm_start_steps > 0 and cpu.paper is None and "mora-type6" in cpu.extra_methods
+    for size in ("250m", "1b"):
+        r = load_recipe(f"table3-{size}")
+        assert r.warm_start_steps == 0 and r.paper == size and list(r.methods) == list(cpu.methods)
+
+
+def test_progress_says_run_step_and_time_left(tmp_path):
+    def spec(name: str, method: str, steps: int) -> RunSpec:
+        cfg = type("Cfg", (), {"steps": steps})()
+        return RunSpec(name, method, 0, tmp_path / name, [], [], cfg)
+
+    done, current, later = (spec("lora-seed0", "lora", 10), spec("mora-seed0", "mora", 10),
+                             spec("lora-seed1", "lora", 10))
+    for run, steps in ((done, 10), (current, 4)):
+        run.run_dir.mkdir()
+        records = [{"kind": "train", "step": s, "loss": 1.0, "step_time_s": 2.0} for s in range(1, steps + 1)]
+        (run.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = io.StringIO()
+    progress = Progress([current, later], [done, current, later], out, every=0)
+    progress.start(1, current)
+    progress.poll()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("run 1/2 mora-seed0: started, resuming at step 4")
+    # 6 steps left here at 2 s, and 10 of lora-seed1 at lora's 2 s
+    assert lines[1] == "run 1/2 mora-seed0: step 4/10, about 12s left in this run, 32s in all"
