@@ -121,6 +121,10 @@ class ParallelConfig:
     param_dtype: str = "float32"  # compute dtype of the sharded params: float32 | bfloat16
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
     activation_checkpointing: bool = False
+    # torch.compile every transformer block (regional compilation, as torchtitan does; megamora.compute).
+    compile: bool = False
+    # Tokens per chunk of the output layer + cross-entropy (megamora.loss); 0: from the full logits.
+    loss_chunk_size: int = 1024
 
 
 @dataclass
@@ -270,6 +274,7 @@ def validate(cfg: TrainConfig) -> None:
         _check(getattr(cfg, name) > 0, f"{name}={getattr(cfg, name)} must be positive")
     for name in ("seed", "eval_every", "save_every"):
         _check(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)} must be >= 0")
+    _check(cfg.parallel.loss_chunk_size >= 0, f"parallel.loss_chunk_size={cfg.parallel.loss_chunk_size} must be >= 0")
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
     _check(cfg.data.seq_len > 0, f"data.seq_len={cfg.data.seq_len} must be positive")
     _check(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megamora.config import ParallelConfig
 
@@ -83,8 +82,3 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
-
-
-def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
-    for block in model.layers:
-        block.activation_checkpointing = enabled

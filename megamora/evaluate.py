@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamora.distributed import all_reduce_sum
@@ -31,9 +30,7 @@ def evaluate_loss(model: nn.Module, sequences: torch.Tensor, micro_batch_size: i
             model(sequences[:1, :-1].to(device))
             continue
         batch = batch.to(device)
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
-        loss_sum += loss.item()
+        loss_sum += model(batch[:, :-1], targets=batch[:, 1:], reduction="sum").item()
         count += batch[:, 1:].numel()
     model.train(was_training)
     loss_sum, count = all_reduce_sum([loss_sum, float(count)], device)

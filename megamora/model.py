@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megamora.config import ModelConfig
 from megamora.engines.tensors import InitFn, seeded_fill_
+from megamora.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -103,6 +104,20 @@ class Block(nn.Module):
         return self._forward(x, cos, sin)
 
 
+class OutputHead(nn.Linear):
+    """The output layer. Given targets it returns the fp32 cross-entropy instead of the logits,
+    computed `chunk_size` tokens at a time (megamora.loss; 0: from the full logits). The loss is
+    computed inside this module's forward so that engines that gather a module's weights around its
+    own forward (DeepSpeed ZeRO-3) see the weight in use."""
+
+    chunk_size: int = 1024
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)
+        return linear_cross_entropy(h.flatten(0, -2), self.weight, targets.flatten(), self.chunk_size, reduction)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -110,7 +125,8 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.dim, cfg.vocab_size, bias=False)
+        self._rotary: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -119,13 +135,21 @@ class Llama(nn.Module):
         if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed_tokens.weight:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) -> logits (batch, seq, vocab)."""
+    def rotary(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary cos/sin tables, built once per (length, device) rather than every forward."""
+        key = (seq_len, device)
+        if key not in self._rotary:
+            self._rotary[key] = rotary_cos_sin(seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, device)
+        return self._rotary[key]
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """tokens (batch, seq) -> logits (batch, seq, vocab); with targets (batch, seq) the fp32 mean
+        (or summed) next-token cross-entropy instead, without materialising the logits."""
         h = self.embed_tokens(tokens)
-        cos, sin = rotary_cos_sin(tokens.shape[1], self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
+        cos, sin = self.rotary(tokens.shape[1], tokens.device)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.lm_head(self.norm(h))
+        return self.lm_head(self.norm(h), targets, reduction)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -35,12 +35,12 @@ from megamora.data import (
     train_source,
     validation_batches,
 )
+from megamora.compute import configure_compute
 from megamora.distributed import (
     DistInfo,
     barrier,
     init_distributed,
     process_group_active,
-    set_activation_checkpointing,
 )
 from megamora.engines import build_engine, check_engine, engine_class
 from megamora.metrics import MetricsLogger, read_metrics
@@ -233,7 +233,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     engine = build_engine(cfg, dist)
     model = build_model(cfg.model, device="meta")
     summary = adapters.apply_adapters(model, cfg.adapter)
-    set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    configure_compute(model, cfg.parallel)
     engine.shard(model)
     materialize(model, dist.device, cfg.seed, cfg.model.init_std)
     if cfg.warm_start and latest_checkpoint(run_dir) is None:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamora.checkpoint import save_checkpoint
@@ -89,8 +88,7 @@ class Trainer:
             batch = self.loader.next_batch(self.stream_id(a)).to(self.dist.device, non_blocking=True)
             torch.manual_seed(micro_batch_seed(self.cfg.seed, self.step, self.stream_id(a)))
             with self.engine.autocast():
-                logits = self.engine(batch[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+                loss = self.engine(batch[:, :-1], targets=batch[:, 1:])  # fp32 mean cross-entropy
             self.engine.backward(loss, last_micro_batch=a == self.accum - 1)
             loss_sum += loss.detach()
         grad_norm = self.engine.step()

@@ -63,7 +63,7 @@ def test_keep_last_and_unfinished_saves_are_ignored(tmp_path):
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
-    from megamora.distributed import set_activation_checkpointing
+    from megamora.compute import set_activation_checkpointing
 
     x = torch.randint(0, 50, (2, 8))
     grads = []

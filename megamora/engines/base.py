@@ -8,7 +8,7 @@ Life cycle, as `megamora.run` drives it:
     engine.shard(model)                   # on the meta-device model, before the seeded init
     materialize(model, ...)               # seeded values, identical for any sharding
     engine.setup(model, optimizer)        # wraps model and optimizer (DeepSpeed partitions here)
-    logits = engine(tokens); engine.backward(loss, last_micro); grad_norm = engine.step()
+    loss = engine(tokens, targets); engine.backward(loss, last_micro); grad_norm = engine.step()
     engine.save(path) / engine.load(path) # model + optimizer state of one checkpoint
 """
 
@@ -48,9 +48,9 @@ class Engine(ABC):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Wrap the materialised model and the project's optimizer."""
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Forward pass: tokens (batch, seq) -> logits."""
-        return self.model(tokens)
+    def __call__(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Forward pass: tokens (batch, seq) -> logits, or with targets the mean cross-entropy."""
+        return self.model(tokens) if targets is None else self.model(tokens, targets=targets)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
