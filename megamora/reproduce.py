@@ -38,7 +38,7 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 PLAN_KEYS = ("run_dir", "seed", "warm_start")
 # Settings that do not change a run's numbers: a DIR may be continued with other values of them.
 FREE_KEYS = ("logging.", "parallel.device", "parallel.engine", "parallel.zero_stage", "parallel.deepspeed_config",
-             "parallel.activation_checkpointing")
+             "parallel.activation_checkpointing", "parallel.compile", "parallel.loss_chunk_size")
 EXIT_STOPPED = 75  # as launch/pretrain.py: stopped with a checkpoint, run the same command again
 
 
@@ -178,8 +178,11 @@ def comparable(cfg: TrainConfig) -> dict:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(k for k in old.keys() | new.keys() if not k.startswith(FREE_KEYS) and old.get(k) != new.get(k))
-    return [f"{k}: {old.get(k)} (DIR) vs {new.get(k)} (this command)" for k in keys]
+    # A setting the record lacks did not exist when it was written: the runs had today's default.
+    defaults = comparable(load_config(None, ["run_dir=unused"]))
+    keys = sorted(k for k in old.keys() | new.keys()
+                  if not k.startswith(FREE_KEYS) and old.get(k, defaults.get(k)) != new.get(k))
+    return [f"{k}: {old.get(k, defaults.get(k))} (DIR) vs {new.get(k)} (this command)" for k in keys]
 
 
 def recipe_record(plan: Plan) -> dict:

@@ -388,3 +388,15 @@ def test_progress_says_run_step_and_time_left(tmp_path):
     assert lines[0].startswith("run 1/2 mora-seed0: started, resuming at step 4")
     # 6 steps left here at 2 s, and 10 of lora-seed1 at lora's 2 s
     assert lines[1] == "run 1/2 mora-seed0: step 4/10, about 12s left in this run, 32s in all"
+
+
+def test_a_setting_the_record_lacks_compares_as_its_default():
+    """A folder written before a setting existed resumes with newer code, unless the setting is changed."""
+    from megamora.config import load_config
+    from megamora.reproduce import _differences, comparable
+
+    new = comparable(load_config(None, ["run_dir=unused"]))
+    old = {k: v for k, v in new.items() if k != "data.max_doc_chars"}
+    assert _differences(old, new) == []
+    changed = dict(new, **{"data.max_doc_chars": 5})
+    assert _differences(old, changed) == [f"data.max_doc_chars: {new['data.max_doc_chars']} (DIR) vs 5 (this command)"]
