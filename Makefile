@@ -35,6 +35,20 @@ REPRODUCE_DIR ?= runs/reproduce-cpu
 reproduce: install
 	$(PY) tools/reproduce.py --recipe cpu --seeds $(SEEDS) --out $(REPRODUCE_DIR)
 
+# bench_step.py with the peers (HF, PEFT, torchtitan) in a venv of its own: torchtitan pins
+# datasets < 4.8 and needs triton, which the project's venv does not take.
+BENCH_VENV ?= .venv-bench
+BENCH_ARGS ?=
+.PHONY: bench-peers
+bench-peers: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/bench_step.py $(BENCH_ARGS)
+
+$(BENCH_VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q "$(TORCH_PIN)"
+	$(BENCH_VENV)/bin/pip install -q "$(TORCH_PIN)" -e . peft transformers torchtitan triton
+	touch $@
+
 test: install
 	$(PY) -m pytest -q tests
 
