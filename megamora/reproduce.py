@@ -521,10 +521,13 @@ def _sbatch(args: list[str]) -> str:
 
 
 def submit_slurm(plan: Plan, todo: Sequence[RunSpec], report_argv: list[str], sbatch_args: Sequence[str] = (),
-                 stream: TextIO = sys.stdout) -> dict[str, str]:
+                 stream: TextIO = sys.stdout, nproc_per_node: int | None = None) -> dict[str, str]:
     """One job per run through launch/slurm.sbatch (warm starts first, method runs with
-    --dependency=afterok on theirs), then a report job after all of them. Returns name -> job id."""
+    --dependency=afterok on theirs), then a report job after all of them. Returns name -> job id.
+    nproc_per_node None: the script's default (one process per GPU of the node)."""
     ids: dict[str, str] = {}
+    if nproc_per_node is not None:
+        sbatch_args = [f"--export=ALL,NPROC_PER_NODE={nproc_per_node}", *sbatch_args]
     tag = f"mm-{plan.out.name}"
     for run in sorted(todo, key=lambda r: r.method != WARM_START):  # warm starts get their ids first
         run.run_dir.mkdir(parents=True, exist_ok=True)

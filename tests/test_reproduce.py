@@ -256,7 +256,7 @@ echo "Submitted batch job $n"
     sbatch.chmod(0o755)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(TOOL), "--recipe", str(recipe), "--seeds", "0", "1", "--out", str(out),
-                           "--launcher", "slurm", "--sbatch-args", "--partition gpu --nodes 2"],
+                           "--launcher", "slurm", "--nproc-per-node", "4", "--sbatch-args", "--partition gpu --nodes 2"],
                           env=env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -270,6 +270,7 @@ echo "Submitted batch job $n"
                    "lora-seed1": "105", "mora-seed1": "106", "report": "107"}
     assert "--dependency" not in jobs[0] and "launch/slurm.sbatch" in jobs[0] and "steps=2" in jobs[0]
     assert "--partition gpu --nodes 2" in jobs[0]
+    assert all("--export=ALL,NPROC_PER_NODE=4" in line for line in jobs[:6])  # read by launch/slurm.sbatch
     for line, dep in zip(jobs[2:6], ("101", "101", "102", "102")):
         assert f"--dependency=afterok:{dep} " in line
         assert f"warm_start={out / 'runs' / 'warmstart-seed'}{0 if dep == '101' else 1}" in line

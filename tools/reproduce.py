@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local",
                         help="local: one process per run, one after another (default); torchrun: each run "
                              "through torch.distributed.run --standalone; slurm: one sbatch job per run")
-    parser.add_argument("--nproc-per-node", type=positive, default=1, metavar="N", help="torchrun processes per run")
+    parser.add_argument("--nproc-per-node", type=positive, default=None, metavar="N",
+                        help="processes per node of each run (torchrun: default 1; slurm: default one per GPU)")
     parser.add_argument("--sbatch-args", default="", metavar="'ARGS'",
                         help="slurm: extra sbatch options for the run jobs, e.g. '--nodes 4 --partition gpu' "
                              "(one option alone: --sbatch-args=--exclusive)")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             report_argv = [sys.executable, str(REPO / "tools" / "reproduce.py"), "--recipe", str(recipe.path),
                            "--out", str(plan.out), "--report-only", "--threshold", str(args.threshold),
                            "--device", args.device]
-            submit_slurm(plan, todo, report_argv, shlex.split(args.sbatch_args))
+            submit_slurm(plan, todo, report_argv, shlex.split(args.sbatch_args), nproc_per_node=args.nproc_per_node)
             return 0
     except (RecipeError, ReproduceError) as e:
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from megamora.reproduce import run_local
 
-        run_local(plan, todo, args.launcher, args.nproc_per_node)
+        run_local(plan, todo, args.launcher, args.nproc_per_node or 1)
     except RunFailed as e:
         if e.code == EXIT_STOPPED:
             print(f"stopped during {e.run.name}: run the same command again to resume", file=sys.stderr)
