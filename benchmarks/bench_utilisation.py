@@ -40,7 +40,7 @@ from megamora.model import flops_per_token  # noqa: E402
 
 # Datasheet dense bf16 tensor-core peaks, FLOP/s; matched in order against torch.cuda.get_device_name.
 DEVICE_PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "aten::_addmm_activation"}
 MATMUL_WORDS = ("scaled_dot_product", "flash_attention", "efficient_attention",  # attention ops
                 "gemm", "cutlass", "xmma", "nvjet", "cublas", "fmha", "flash")  # CUDA kernel names

@@ -30,8 +30,11 @@ def grads(loss_fn, hidden, weight, targets, scale=1.0):
 
 @pytest.mark.parametrize("chunk", [1, 8, 37, 100])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_chunked_equals_plain_fp32(chunk, reduction):
+@pytest.mark.parametrize("block_rows", [None, 3])
+def test_chunked_equals_plain_fp32(chunk, reduction, block_rows, monkeypatch):
     hidden, weight, targets = inputs()
+    if block_rows:  # logits in blocks of 3 rows inside each chunk, as a large vocabulary gets on CPU
+        monkeypatch.setattr("megamora.loss.CPU_BLOCK_ELEMENTS", block_rows * weight.shape[0])
     ref = grads(lambda h, w, t: reference(h, w, t, reduction), hidden, weight, targets, scale=0.5)
     got = grads(lambda h, w, t: linear_cross_entropy(h, w, t, chunk, reduction), hidden, weight, targets, scale=0.5)
     for a, b in zip(got, ref):
@@ -51,7 +54,8 @@ def test_frozen_head_and_no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 8), reference(hidden, weight, targets))
 
 
-def test_bf16_autocast_matches_plain_autocast():
+def test_bf16_autocast_matches_plain_autocast(monkeypatch):
+    monkeypatch.setattr("megamora.loss.CPU_BLOCK_ELEMENTS", 5 * 300)  # blocks of 5 rows in chunks of 16
     hidden, weight, targets = inputs(n=64, d=32, vocab=300)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = grads(reference, hidden, weight, targets)
