@@ -6,7 +6,9 @@ trainable set: forward, loss, backward, AdamW step, zero_grad(set_to_none=True).
     .venv/bin/python benchmarks/bench_step.py --memory             # peak memory of one step per method
     make bench-peers BENCH_ARGS="--preset 60m"                     # in .venv-bench, where torchtitan imports
 
-Contenders (--contenders picks a subset; the order given is the ABBA order):
+Contenders (--contenders picks a subset; the order given is the ABBA order; --compile adds
+ours-full+compile, ours-lora+compile and ours-mora1+compile: each block torch.compile'd as
+parallel.compile does, compiled during the warm-up steps):
   ours-full     megamora's Llama, full rank, built as the trainer does (meta device, materialize) with
                 build_optimizer; loss = model(tokens, targets=targets) (the fp32 mean cross-entropy;
                 with an older model that has no `targets`, F.cross_entropy(logits.float()) instead).
@@ -65,16 +67,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamora.adapters import apply_adapters
+from megamora.compute import compile_blocks
 from megamora.config import TrainConfig, load_config
 from megamora.model import build_model, count_parameters, materialize
 from megamora.optim import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTENDERS = ("ours-full", "hf-full", "titan-full", "ours-lora", "hf-peft-lora", "ours-mora1", "ours-mora6")
+# parallel.compile on (each block torch.compile'd, as the trainer does it): asked for by name or --compile
+COMPILED = ("ours-full+compile", "ours-lora+compile", "ours-mora1+compile")
 # (ours, theirs, what, goal): "speed" = their step time / ours (= our tokens/s over theirs), "time" = ours / theirs
 GOALS = [("ours-full", "hf-full", "speed", 1.2), ("ours-full", "titan-full", "speed", 1.0),
          ("ours-lora", "hf-peft-lora", "speed", 1.2), ("ours-mora1", "ours-lora", "time", 1.00),
-         ("ours-mora6", "ours-lora", "time", 1.10)]
+         ("ours-mora6", "ours-lora", "time", 1.10), ("ours-full+compile", "ours-full", "speed", 1.0),
+         ("ours-lora+compile", "ours-lora", "speed", 1.0), ("ours-mora1+compile", "ours-mora1", "speed", 1.0)]
 MEMORY_STEPS = 3
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
 
@@ -279,6 +285,11 @@ def adapter_overrides(args: argparse.Namespace, kind: str, mora_type: str = "1")
 
 
 def build(name: str, args: argparse.Namespace, device: torch.device) -> Contender:
+    if name.endswith("+compile"):
+        contender = build(name.removesuffix("+compile"), args, device)
+        compile_blocks(contender.model)
+        contender.name = name
+        return contender
     lora = adapter_overrides(args, "lora")  # also fixes r / alpha / dropout for the HF peers
     if name == "ours-full":
         return build_ours(bench_config(args), device, args.seed, name)
@@ -289,7 +300,7 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Contende
         return build_hf(bench_config(args, lora), device, args.seed, name == "hf-peft-lora", args.train_extras)
     if name == "titan-full":
         return build_titan(bench_config(args), device, args.seed)
-    raise ValueError(f"unknown contender {name!r}; one of {list(CONTENDERS)}")
+    raise ValueError(f"unknown contender {name!r}; one of {list(CONTENDERS + COMPILED)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +472,8 @@ def strip_options(argv: list[str], drop: set[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, rounds=7, steps=3)
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS + COMPILED))
+    p.add_argument("--compile", action="store_true", help=f"add {', '.join(COMPILED)} (parallel.compile: true)")
     p.add_argument("--r", type=int, default=32, help="adapter.r of LoRA and MoRA (MoRA derives r_hat from it)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the config's)")
     p.add_argument("--dropout", type=float, default=None, help="adapter dropout (default: the config's)")
@@ -488,6 +500,8 @@ def main(argv: list[str] | None = None) -> None:
           f"(dim {m.dim}, ffn {m.ffn_dim}, {m.n_layers} layers, {m.n_heads} heads, vocab {m.vocab_size}); "
           f"batch {args.batch} x {args.seq_len} = {tokens} tokens/step; adapters r {args.r}"
           f"{', + embeddings/head/norms' if args.train_extras else ', adapters only'}")
+    if args.compile:
+        args.contenders = [*args.contenders, *(n for n in COMPILED if n not in args.contenders)]
     if "titan-full" in args.contenders and (reason := titan_unavailable()):
         print(f"skip titan-full: torchtitan is not importable here ({reason})")
         args.contenders = [n for n in args.contenders if n != "titan-full"]
