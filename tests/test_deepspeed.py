@@ -292,6 +292,7 @@ def test_bad_engine_input_is_one_line_before_anything_is_written(shared_data, tm
         ([*DS, f"parallel.deepspeed_config={tmp_path}/none.json"], ["none.json"]),
         ([*DS, f"parallel.deepspeed_config={bad_json}"], ["bad.json", "JSON"]),
         ([*DS, f"parallel.deepspeed_config={owned}"], ["train_batch_size", "global_batch_size"]),
+        ([*DS, "parallel.compile=true"], ["parallel.compile", "fsdp2"]),
     ]:
         _one_line_error(launch(tiny_overrides(shared_data, run_dir, *extra), check=False), *needles)
         assert not run_dir.exists()

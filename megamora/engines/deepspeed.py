@@ -118,6 +118,9 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def check(cls, cfg: TrainConfig) -> None:
+        if cfg.parallel.compile:  # ZeRO-3 gathers through module hooks that the compiled blocks would trace
+            raise ValueError("parallel.compile=true is supported with parallel.engine=fsdp2 only (DeepSpeed: use "
+                             "parallel.compile=false)")
         require_deepspeed()
         read_override_file(cfg.parallel.deepspeed_config)
 
