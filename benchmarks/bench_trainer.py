@@ -11,11 +11,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from megamora.config import load_config
 from megamora.distributed import DistInfo
-from megamora.model import build_model, init_weights
+from megamora.engines import build_engine
+from megamora.model import build_model, init_weights, materialize
 from megamora.optim import build_optimizer
 from megamora.train import Trainer
 
@@ -37,8 +37,7 @@ class NoMetrics:
 
 
 def bare_step(model, optimizer, batch) -> None:
-    logits = model(batch[:, :-1])
-    F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten()).backward()
+    model(batch[:, :-1], targets=batch[:, 1:]).backward()  # the loss the Trainer computes
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -63,9 +62,13 @@ def main() -> None:
         return model, build_optimizer(model, cfg.optim)
 
     bare_model, bare_opt = fresh()
-    model, opt = fresh()
-    trainer = Trainer(cfg, model, opt, FixedBatch(batch), batch[:1], DistInfo(0, 1, 0, torch.device("cpu")),
-                      NoMetrics(), 0.0, run_dir=None)
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    engine = build_engine(cfg, dist)  # FSDP2's engine on one process: the plain model, as a run has it
+    model = build_model(cfg.model, device="meta")
+    engine.shard(model)
+    materialize(model, dist.device, 0, cfg.model.init_std)
+    engine.setup(model, build_optimizer(model, cfg.optim))
+    trainer = Trainer(cfg, engine, FixedBatch(batch), batch[:1], dist, NoMetrics(), 0.0, run_dir=None)
 
     def trainer_step():
         trainer.set_lr()
