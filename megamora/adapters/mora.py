@@ -296,18 +296,19 @@ def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # vector) and decoupled types (a batched GEMM over the chunks).
 
 
-def _shared_forward(xd, K, geo: _Geometry, out: torch.Tensor) -> torch.Tensor:
-    """out += decompress(K compress(xd)); returns compress(xd), which the backward needs."""
+def _shared_forward(xd, K, geo: _Geometry, out: torch.Tensor, add: bool = True) -> torch.Tensor:
+    """out += decompress(K compress(xd)) (add=False: out = ...; every decompress writes all of out);
+    returns compress(xd), which the backward needs."""
     r = geo.r_hat
     xc = xd.new_empty(xd.shape[0], r)
     _OPERATORS[geo.ops.compress].apply(xd, xc)
     o = xc @ _pad_to(K, geo.r_pad(xd.dtype), r).t()  # (N, r_pad): aligned GEMM width
-    _OPERATORS[geo.ops.decompress].apply(o[:, :r], out, add=True)
+    _OPERATORS[geo.ops.decompress].apply(o[:, :r], out, add=add)
     return xc
 
 
-def _shared_backward(g, xc, K, geo: _Geometry, grad_xd: torch.Tensor | None):
-    """Returns dL/dK; adds dL/dxd into grad_xd (skipped when None)."""
+def _shared_backward(g, xc, K, geo: _Geometry, grad_xd: torch.Tensor | None, add: bool = True):
+    """Returns dL/dK; adds dL/dxd into grad_xd (add=False: writes it; skipped when None)."""
     r, rp = geo.r_hat, geo.r_pad(g.dtype)
     go = g.new_empty(g.shape[0], rp)
     if rp > r:
@@ -316,7 +317,7 @@ def _shared_backward(g, xc, K, geo: _Geometry, grad_xd: torch.Tensor | None):
     grad_K = (xc.t() @ go)[:, :r].t()  # computed transposed so the GEMM width is aligned
     if grad_xd is not None:
         gxc = go @ _pad_to(K, rp, rp)
-        _OPERATORS[geo.ops.compress].adjoint(gxc[:, :r], grad_xd, add=True)
+        _OPERATORS[geo.ops.compress].adjoint(gxc[:, :r], grad_xd, add=add)
     return grad_K
 
 
@@ -431,8 +432,15 @@ def _adapter_forward(xd, M, cos, sin, geo: _Geometry, out: torch.Tensor) -> torc
 class _MoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, M, cos, sin, weight, bias, geo: _Geometry):
-        y = F.linear(x, weight, bias)
-        saved = _adapter_forward(xd, M, cos, sin, geo, y)
+        if geo.ops.decoupled:
+            y = F.linear(x, weight, bias)
+            saved = _adapter_forward(xd, M, cos, sin, geo, y)
+        else:  # the adapter writes y, then the base GEMM accumulates onto it (as LoRA's addmm): no add pass
+            y = x.new_empty(x.shape[0], geo.out_features)
+            saved = _shared_forward(xd, M.to(xd.dtype), geo, y, add=False)
+            y.addmm_(x, weight.t())
+            if bias is not None:
+                y += bias
         ctx.geo = geo
         ctx.same_input = xd is x
         ctx.save_for_backward(saved, M, cos, sin, weight, x if weight.requires_grad else None)
@@ -443,24 +451,43 @@ class _MoRAFunction(torch.autograd.Function):
         saved, M, cos, sin, weight, x = ctx.saved_tensors
         geo = ctx.geo
         g = g.contiguous()
+        if not geo.ops.decoupled:
+            return _shared_backward_all(ctx, g, saved, M, weight, x)
         grad_x = g @ weight if ctx.needs_input_grad[0] else None
         grad_xd = None
         if ctx.needs_input_grad[0] and ctx.same_input:
             grad_xd = grad_x  # the adapter's input gradient is added onto the base's
         elif ctx.needs_input_grad[1]:
             grad_xd = g.new_zeros(g.shape[0], geo.in_features)
-        if geo.ops.decoupled:
-            P = _chunk_kernel(M, cos, sin, geo, g.dtype)  # recomputed: cheaper than keeping it
-            xk = saved if saved.dim() == 3 else _chunks_first(saved, geo)
-            grad_P = _chunked_backward(g, xk, P, geo, grad_xd)
-            grad_M = rotate_back(grad_P, cos, sin) if geo.ops.rotate else grad_P.sum(0)
-        else:
-            grad_M = _shared_backward(g, saved, M.to(g.dtype), geo, grad_xd)
+        P = _chunk_kernel(M, cos, sin, geo, g.dtype)  # recomputed: cheaper than keeping it
+        xk = saved if saved.dim() == 3 else _chunks_first(saved, geo)
+        grad_P = _chunked_backward(g, xk, P, geo, grad_xd)
+        grad_M = rotate_back(grad_P, cos, sin) if geo.ops.rotate else grad_P.sum(0)
         if ctx.same_input:
             grad_xd = None
         grad_w = g.t() @ x if x is not None else None
         grad_b = g.sum(0) if ctx.needs_input_grad[6] else None
         return grad_x, grad_xd, grad_M.to(M.dtype), None, None, grad_w, grad_b, None
+
+
+def _shared_backward_all(ctx, g, xc, M, weight, x):
+    """The backward of the shared types: the adapter's input gradient is written first and the base
+    GEMM's accumulated onto it (no zero-fill, no separate add pass)."""
+    geo = ctx.geo
+    grad_x = grad_xd = None
+    if ctx.needs_input_grad[0] and ctx.same_input:
+        grad_x = g.new_empty(g.shape[0], geo.in_features)
+        grad_M = _shared_backward(g, xc, M.to(g.dtype), geo, grad_x, add=False)
+        grad_x.addmm_(g, weight)
+    else:
+        if ctx.needs_input_grad[1]:
+            grad_xd = g.new_empty(g.shape[0], geo.in_features)
+        grad_M = _shared_backward(g, xc, M.to(g.dtype), geo, grad_xd, add=False)
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+    grad_w = g.t() @ x if x is not None else None
+    grad_b = g.sum(0) if ctx.needs_input_grad[6] else None
+    return grad_x, grad_xd, grad_M.to(M.dtype), None, None, grad_w, grad_b, None
 
 
 class MoRALinear(AdapterLinear):
