@@ -125,16 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def exit_now(code: int) -> None:
-    """Leave without the interpreter's teardown once everything is saved and the process group is
-    destroyed: under load, gloo's C++ threads can still be joinable when the interpreter finalises,
-    and std::terminate then turns a finished run into a SIGABRT (exit -6) that torchrun reports as
-    a failure."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    exit_now(main())
+    from megamora.distributed import exit_process
+
+    exit_process(main())

@@ -3,7 +3,9 @@ here, once, at start-up. How the model is sharded is the engine's (megamora.engi
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,17 @@ def process_group_active() -> bool:
 def destroy_distributed() -> None:
     if process_group_active():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Leave without the interpreter's teardown once everything is saved and the process group is
+    destroyed: under load, gloo's (and DeepSpeed's shm) C++ threads can still be joinable when the
+    interpreter finalises, and std::terminate then turns a finished rank into a SIGABRT (exit -6)
+    that torchrun or mp.spawn reports as a failure."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

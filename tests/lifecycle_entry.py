@@ -72,4 +72,6 @@ if __name__ == "__main__":
         disk_full_at(int(step), int(rank) if rank else None, where)
     from pretrain import main
 
-    sys.exit(main())
+    from megamora.distributed import exit_process
+
+    exit_process(main())

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from megamora.adapters import apply_adapters, iter_adapters, merge_adapters
 from megamora.config import AdapterConfig, ModelConfig
 from megamora.model import build_model, init_weights, normal_init, seeded_fill_
+from spawn_ranks import spawn_ranks
 
 WORLD = 2
 # ffn 72 with r = 5 gives r_hat 23 (gate/up/down): odd, so M is sharded unevenly over 2 ranks.
@@ -92,4 +92,4 @@ def worker(rank: int, tmp: str) -> None:
 
 
 def test_sharded_adapters_merge_like_unsharded(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    spawn_ranks(worker, str(tmp_path), nprocs=WORLD)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from megamora.config import ConfigError, load_config
@@ -20,6 +19,7 @@ from megamora.export import load_merged_model
 from megamora.hf import to_hf_names
 from megamora.metrics import read_metrics
 from test_train import REPO, crash_after_first_checkpoint, launch, losses, run_in_process, tiny_overrides
+from spawn_ranks import spawn_ranks
 
 DS = ["parallel.engine=deepspeed"]
 KINDS = {"full": [], "lora": ["adapter.kind=lora", "adapter.r=4"], "mora": ["adapter.kind=mora", "adapter.r=4"]}
@@ -162,7 +162,7 @@ def _restart_worker(rank: int, overrides: list[str], port: int, out_file: str) -
 
 def _run_restarts(run_dir: Path, overrides: list[str]) -> dict:
     out = run_dir.with_suffix(".pt")
-    mp.spawn(_restart_worker, args=(overrides, _free_port(), str(out)), nprocs=2, join=True)
+    spawn_ranks(_restart_worker, overrides, _free_port(), str(out), nprocs=2)
     return torch.load(out, weights_only=True)
 
 

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 from megamora.config import ModelConfig, OptimConfig, RestartConfig
 from megamora.model import build_model
 from megamora.optim import build_optimizer, build_scheduler, lr_at, reset_optimizer_state
+from spawn_ranks import spawn_ranks
 
 T, W0, EVERY, W = 300, 20, 100, 10
 
@@ -334,7 +334,7 @@ def _fsdp_worker(rank, world, init_file, out_file):
 def test_reset_on_two_fsdp2_ranks_equals_unsharded(tmp_path):
     out = tmp_path / "result.pt"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    spawn_ranks(_fsdp_worker, 2, str(tmp_path / "init"), str(out), nprocs=2)
     res = torch.load(out)
     # the same resets applied to the gathered full state in one process
     ref = [{k: v.clone() for k, v in s.items()} for s in res["before"]]

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from megamora.adapters import MoRALinear, apply_adapters, iter_adapters
 from megamora.analysis import delta_weights, module_type, rank_of
@@ -15,6 +14,7 @@ from megamora.config import AdapterConfig, ModelConfig, OptimConfig, RestartConf
 from megamora.model import build_model, init_weights, seeded_fill_
 from megamora.optim import build_optimizer
 from megamora.restarts import Restarts, adapter_parameters
+from spawn_ranks import spawn_ranks
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODEL = ModelConfig(dim=48, ffn_dim=80, n_layers=2, n_heads=4, vocab_size=64)
@@ -125,7 +125,7 @@ def _sharded_restart_worker(rank, world, init_file, out_file, kind):
 @pytest.mark.parametrize("kind", ["lora", "mora"])
 def test_sharded_restart_equals_unsharded(tmp_path, kind):
     out = tmp_path / "out.pt"
-    mp.spawn(_sharded_restart_worker, args=(2, str(tmp_path / "pg"), str(out), kind), nprocs=2, join=True)
+    spawn_ranks(_sharded_restart_worker, 2, str(tmp_path / "pg"), str(out), kind, nprocs=2)
     got = torch.load(out, weights_only=True)
     model = adapted_model(kind)
     opt = train_two_steps(model)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from megamora.checkpoint import latest_checkpoint, read_trainer_state
 from megamora.metrics import read_metrics
 from test_train import REPO, losses, tiny_overrides
+from spawn_ranks import spawn_ranks
 
 ENTRY = str(REPO / "tests" / "lifecycle_entry.py")
 _spec = importlib.util.spec_from_file_location("launch_pretrain", REPO / "launch" / "pretrain.py")
@@ -131,7 +131,7 @@ def test_lock_refusal_reaches_every_rank(tmp_path):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        mp.spawn(_lock_worker, args=(str(tmp_path), port, str(tmp_path)), nprocs=2, join=True)
+        spawn_ranks(_lock_worker, str(tmp_path), port, str(tmp_path), nprocs=2)
     finally:
         unlock_run_dir(tmp_path)
     for rank in (0, 1):  # rank 1 never touches the lock: it learns the outcome from rank 0
