@@ -176,6 +176,19 @@ def timed_steps(c: Contender, batch: torch.Tensor, dtype: torch.dtype, steps: in
     return (time.perf_counter() - start) / steps
 
 
+def step_flops(c: Contender, batch: torch.Tensor, dtype: torch.dtype) -> int:
+    """The matmul FLOPs of one training step (forward and backward, as torch's FLOP counter counts
+    mm / bmm / addmm / attention), so that a time ratio can be read against the work ratio."""
+    from torch.utils import flop_counter
+
+    if torch.ops.aten.addmm_ not in flop_counter.flop_registry:  # in-place GEMMs (MoRA, the loss) count too
+        flop_counter.register_flop_formula(torch.ops.aten.addmm_, get_raw=True)(flop_counter.addmm_flop)
+    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    with flop_counter.FlopCounterMode(display=False) as counter:
+        train_step(c, x, y, dtype)
+    return counter.get_total_flops()
+
+
 # ---------------------------------------------------------------------------------------------
 # Peers
 
@@ -320,14 +333,16 @@ def time_contenders(contenders: list[Contender], batch: torch.Tensor, dtype: tor
     return times
 
 
-def print_times(times: dict[str, list[float]], trainable: dict[str, int], tokens: int, dtype_name: str) -> None:
+def print_times(times: dict[str, list[float]], trainable: dict[str, int], flops: dict[str, int], tokens: int,
+                dtype_name: str) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{dtype_name}")
-    head = f"{'contender':14} {'trainable':>12} {'ms/step':>9} {'tokens/s':>10} {'min ms':>8} {'max ms':>8}"
+    head = (f"{'contender':14} {'trainable':>12} {'GFLOP/step':>10} {'ms/step':>9} {'tokens/s':>10} "
+            f"{'min ms':>8} {'max ms':>8}")
     print(head)
     print("-" * len(head))
     for name, t in med.items():
-        print(f"{name:14} {trainable[name]:>12,} {t * 1e3:>9.1f} {tokens / t:>10.0f} "
+        print(f"{name:14} {trainable[name]:>12,} {flops[name] / 1e9:>10.2f} {t * 1e3:>9.1f} {tokens / t:>10.0f} "
               f"{min(times[name]) * 1e3:>8.1f} {max(times[name]) * 1e3:>8.1f}")
     for ours, theirs, what, goal in GOALS:
         if ours not in med or theirs not in med:
@@ -339,7 +354,8 @@ def print_times(times: dict[str, list[float]], trainable: dict[str, int], tokens
         else:
             value, paired = med[ours] / med[theirs], statistics.median(a / b for a, b in pairs)
             label, ok, goal_text = f"step time {ours} / {theirs}", value <= goal, f"<= {goal:.2f}"
-        print(f"  {label:38} {value:6.3f} [{paired:6.3f}]  goal {goal_text}  {'met' if ok else 'NOT MET'}")
+        work = f"  (matmul FLOPs {flops[ours] / flops[theirs]:.3f}x)" if what == "time" else ""
+        print(f"  {label:38} {value:6.3f} [{paired:6.3f}]  goal {goal_text}  {'met' if ok else 'NOT MET'}{work}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,8 +538,9 @@ def main(argv: list[str] | None = None) -> None:
     trainable = {c.name: c.trainable for c in contenders}
     batch = batch_for(cfg, args.batch, device, args.seed)
     for dtype_name in args.dtypes:
+        flops = {c.name: step_flops(c, batch, DTYPES[dtype_name]) for c in contenders}
         times = time_contenders(contenders, batch, DTYPES[dtype_name], args.rounds, args.steps, args.warmup)
-        print_times(times, trainable, tokens, dtype_name)
+        print_times(times, trainable, flops, tokens, dtype_name)
 
 
 if __name__ == "__main__":

@@ -288,6 +288,8 @@ def rotate_back(grad_P: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if t.shape[-2:] == (rows, cols):
+        return t  # F.pad would copy
     return F.pad(t, (0, cols - t.shape[-1], 0, rows - t.shape[-2]))
 
 
