@@ -18,8 +18,8 @@ from megamora.engines.deepspeed import deepspeed_config
 from megamora.export import load_merged_model
 from megamora.hf import to_hf_names
 from megamora.metrics import read_metrics
-from test_train import REPO, crash_after_first_checkpoint, launch, losses, run_in_process, tiny_overrides
 from spawn_ranks import spawn_ranks
+from test_train import REPO, crash_after_first_checkpoint, launch, losses, run_in_process, tiny_overrides
 
 DS = ["parallel.engine=deepspeed"]
 KINDS = {"full": [], "lora": ["adapter.kind=lora", "adapter.r=4"], "mora": ["adapter.kind=mora", "adapter.r=4"]}

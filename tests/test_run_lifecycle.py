@@ -18,8 +18,8 @@ import torch
 
 from megamora.checkpoint import latest_checkpoint, read_trainer_state
 from megamora.metrics import read_metrics
-from test_train import REPO, losses, tiny_overrides
 from spawn_ranks import spawn_ranks
+from test_train import REPO, losses, tiny_overrides
 
 ENTRY = str(REPO / "tests" / "lifecycle_entry.py")
 _spec = importlib.util.spec_from_file_location("launch_pretrain", REPO / "launch" / "pretrain.py")
