@@ -43,28 +43,46 @@ def _prefix(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer.view(-1)[: rows * cols].view(rows, cols)
 
 
-def _softmax_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 0 of fp32 (vocab, tokens) logits, in place; return the summed cross-entropy.
+def _exp_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, cols: torch.Tensor):
+    """fp32 (vocab, tokens) logits -> exp(logits - max) in place, over dim 0; return the sums of
+    those exps (the softmax's denominators) and the summed cross-entropy.
 
     Written out as whole-tensor passes: torch's log_softmax over a non-last dim walks the vocabulary
     one page-strided row at a time and is 2x slower here, and exp-ing its output exps twice."""
-    logits.sub_(logits.amax(dim=0))  # x - max
+    logits.sub_(logits.amax(dim=0))
     shifted_target = logits[targets, cols]
     logits.exp_()
     sums = logits.sum(dim=0)
-    logits.div_(sums)
-    return (sums.log_() - shifted_target).sum()
+    return sums, (sums.log() - shifted_target).sum()
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """grad_weight (fp32) = or += dlogits @ h; in bf16 / fp16 the GEMM runs in that dtype."""
-    if dlogits.dtype != torch.float32:
-        part = dlogits @ h
-        grad_weight.copy_(part) if first else grad_weight.add_(part)
-    elif first:
-        torch.mm(dlogits, h, out=grad_weight)
-    else:
-        grad_weight.addmm_(dlogits, h)
+def _grads_from_exps(exps, sums, targets, cols, h, weight, grad_hidden, grad_weight, first: bool) -> None:
+    """Write (or add) both gradients of the summed cross-entropy from exps = exp(logits - max).
+
+    In fp32, softmax - onehot is never formed: dividing by the sums scales rows of the small
+    operands (h, the grad_hidden rows) and the one-hot is a gather / scatter of rows, which saves a
+    pass over the (vocab, tokens) block. In bf16 / fp16 the GEMM operand is rounded anyway, so the
+    difference softmax - onehot is formed in fp32 first (it is small where p_target ~ 1)."""
+    if exps.dtype != torch.float32 or h.dtype != torch.float32:
+        exps.div_(sums)
+        exps[targets, cols] -= 1.0
+        dlogits = exps.to(h.dtype)
+        if grad_hidden is not None:
+            torch.mm(dlogits.t(), weight, out=grad_hidden)
+        if grad_weight is not None:
+            part = dlogits @ h
+            grad_weight.copy_(part) if first else grad_weight.add_(part)
+        return
+    inv = sums.reciprocal_().unsqueeze(1)
+    if grad_hidden is not None:
+        torch.mm(exps.t(), weight, out=grad_hidden)
+        grad_hidden.mul_(inv).sub_(weight[targets])
+    if grad_weight is not None:
+        if first:
+            torch.mm(exps, h * inv, out=grad_weight)
+        else:
+            grad_weight.addmm_(exps, h * inv)
+        grad_weight.index_add_(0, targets, h, alpha=-1.0)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -91,13 +109,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(weight, h.t(), out=lt)
             if low_precision:
                 pt.copy_(lt)
-            total += _softmax_cross_entropy_(pt, t, c)
-            pt[t, c] -= 1.0
-            dlogits = lt.copy_(pt) if low_precision else pt
-            if need_hidden:
-                torch.mm(dlogits.t(), weight, out=grad_hidden[start : start + rows])
-            if need_weight:
-                _accumulate_weight_grad(grad_weight, dlogits, h, first=start == 0)
+            sums, loss = _exp_cross_entropy_(pt, t, c)
+            total += loss
+            _grads_from_exps(pt, sums, t, c, h, weight,
+                             grad_hidden[start : start + rows] if need_hidden else None,
+                             grad_weight if need_weight else None, first=start == 0)
         ctx.weight_dtype = weight.dtype
         ctx.used = False
         ctx.save_for_backward(grad_hidden, grad_weight)
