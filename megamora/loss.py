@@ -16,7 +16,9 @@ operand for free. The softmax then runs over dim 0.
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,21 +45,35 @@ def _prefix(buffer: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return buffer.view(-1)[: rows * cols].view(rows, cols)
 
 
-def _exp_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, cols: torch.Tensor):
+def _exp_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, cols: torch.Tensor, shift: bool = True):
     """fp32 (vocab, tokens) logits -> exp(logits - max) in place, over dim 0; return the sums of
-    those exps (the softmax's denominators) and the summed cross-entropy.
+    those exps (the softmax's denominators) and the summed cross-entropy. shift=False skips the
+    max (two passes) for logits known to be too small for exp and its sum to overflow.
 
     Written out as whole-tensor passes: torch's log_softmax over a non-last dim walks the vocabulary
     one page-strided row at a time and is 2x slower here, and exp-ing its output exps twice."""
-    logits.sub_(logits.amax(dim=0))
+    if shift:
+        logits.sub_(logits.amax(dim=0))
     shifted_target = logits[targets, cols]
     logits.exp_()
     sums = logits.sum(dim=0)
     return sums, (sums.log() - shifted_target).sum()
 
 
+def _max_logit_bound(weight: torch.Tensor) -> Callable[[torch.Tensor], bool]:
+    """On CPU: a test of whether a chunk's logits are all small enough to exp without the max shift.
+    |w . h| <= |w| |h| (Cauchy-Schwarz); exp overflows fp32 at 88.7 and the sum of `vocab` exps
+    adds log(vocab), so a bound under 80 - log(vocab) is safe with margin (bf16 rounding included).
+    On CUDA reading the bound would synchronise, so there the max is always taken."""
+    if weight.device.type != "cpu":
+        return lambda h: False
+    limit = 80.0 - math.log(weight.shape[0])
+    w_norm = torch.linalg.vector_norm(weight.float(), dim=1).max().item()
+    return lambda h: w_norm * torch.linalg.vector_norm(h.float(), dim=1).max().item() < limit
+
+
 def _grads_from_exps(exps, sums, targets, cols, h, weight, grad_hidden, grad_weight, first: bool) -> None:
-    """Write (or add) both gradients of the summed cross-entropy from exps = exp(logits - max).
+    """Write (or add) both gradients of the summed cross-entropy from exps = exp(logits - shift).
 
     In fp32, softmax - onehot is never formed: dividing by the sums scales rows of the small
     operands (h, the grad_hidden rows) and the one-hot is a gather / scatter of rows, which saves a
@@ -102,6 +118,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         low_precision = hidden.dtype != torch.float32
         logits = _scratch(vocab, chunk, hidden.dtype, hidden.device) if low_precision else probs
         cols = torch.arange(chunk, device=hidden.device)
+        exp_is_safe = _max_logit_bound(weight)
         for start in range(0, n, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             rows = h.shape[0]
@@ -109,7 +126,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(weight, h.t(), out=lt)
             if low_precision:
                 pt.copy_(lt)
-            sums, loss = _exp_cross_entropy_(pt, t, c)
+            sums, loss = _exp_cross_entropy_(pt, t, c, shift=not exp_is_safe(h))
             total += loss
             _grads_from_exps(pt, sums, t, c, h, weight,
                              grad_hidden[start : start + rows] if need_hidden else None,

@@ -39,6 +39,21 @@ def test_chunked_equals_plain_fp32(chunk, reduction):
     assert got[0].dtype == torch.float32
 
 
+@pytest.mark.parametrize("scale", [1.0, 40.0])
+def test_logits_with_or_without_the_max_shift(scale):
+    """Small logits are exp'd unshifted (their bound is checked); large ones (|logit| in the
+    hundreds, where exp overflows fp32) take the max shift; both equal the plain loss."""
+    hidden, weight, targets = inputs()
+    hidden = (hidden.detach() * scale).requires_grad_()
+    if scale > 1:
+        assert F.linear(hidden, weight).abs().max() > 100
+    ref = grads(reference, hidden, weight, targets)
+    got = grads(lambda h, w, t: linear_cross_entropy(h, w, t, 8), hidden, weight, targets)
+    for a, b in zip(got, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_frozen_head_and_no_grad():
     hidden, weight, targets = inputs()
     weight = weight.detach()  # a frozen head: no weight gradient computed
