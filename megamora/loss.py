@@ -2,11 +2,12 @@
 
 With a 32k vocabulary the logits of a 20m model are 3x the size of all its activations, and the
 unfused path passes over them about eight times (logits, fp32 copy, log-softmax, its gradient, the
-one-hot scatter, ...). Here each chunk of `chunk_size` tokens goes logits -> softmax minus one-hot,
-in place (the loss from the softmax's max and sum), and straight into both GEMMs of the backward;
-the gradients of the hidden states and of the head weight are kept for the backward pass (as
-Liger-Kernel's fused linear cross-entropy does). Same GEMMs, same FLOPs; the loss and the softmax
-run in fp32 whatever the compute dtype, as `F.cross_entropy(logits.float(), ...)` does.
+one-hot scatter, ...). Here each chunk of `chunk_size` tokens goes logits -> exp(logits - max) in
+place (the loss from its sum), and straight into both GEMMs of the backward, the softmax's 1/sum
+and the one-hot applied to their small operands (_grads_from_exps); the gradients of the hidden
+states and of the head weight are kept for the backward pass (as Liger-Kernel's fused linear
+cross-entropy does). Same GEMMs, same FLOPs; the loss and the softmax run in fp32 whatever the
+compute dtype, as `F.cross_entropy(logits.float(), ...)` does.
 
 A chunk's logits are held vocabulary-major, (vocab, tokens) = weight @ hidden.T: with K = dim as
 small as 256, MKL runs that GEMM 1.3-1.6x faster than the token-major hidden @ weight.T (20m shapes,
@@ -60,7 +61,7 @@ def _exp_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, cols: torch
     return sums, (sums.log() - shifted_target).sum()
 
 
-def _max_logit_bound(weight: torch.Tensor) -> Callable[[torch.Tensor], bool]:
+def _unshifted_exp_test(weight: torch.Tensor) -> Callable[[torch.Tensor], bool]:
     """On CPU: a test of whether a chunk's logits are all small enough to exp without the max shift.
     |w . h| <= |w| |h| (Cauchy-Schwarz); exp overflows fp32 at 88.7 and the sum of `vocab` exps
     adds log(vocab), so a bound under 80 - log(vocab) is safe with margin (bf16 rounding included).
@@ -79,7 +80,7 @@ def _grads_from_exps(exps, sums, targets, cols, h, weight, grad_hidden, grad_wei
     operands (h, the grad_hidden rows) and the one-hot is a gather / scatter of rows, which saves a
     pass over the (vocab, tokens) block. In bf16 / fp16 the GEMM operand is rounded anyway, so the
     difference softmax - onehot is formed in fp32 first (it is small where p_target ~ 1)."""
-    if exps.dtype != torch.float32 or h.dtype != torch.float32:
+    if h.dtype != torch.float32:
         exps.div_(sums)
         exps[targets, cols] -= 1.0
         dlogits = exps.to(h.dtype)
@@ -113,22 +114,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # (vocab, tokens): logits, then in place softmax minus one-hot
-        probs = _scratch(vocab, chunk, torch.float32, hidden.device)
+        # (vocab, tokens) fp32: the logits, then in place their exps
+        exps = _scratch(vocab, chunk, torch.float32, hidden.device)
         low_precision = hidden.dtype != torch.float32
-        logits = _scratch(vocab, chunk, hidden.dtype, hidden.device) if low_precision else probs
+        logits = _scratch(vocab, chunk, hidden.dtype, hidden.device) if low_precision else exps
         cols = torch.arange(chunk, device=hidden.device)
-        exp_is_safe = _max_logit_bound(weight)
+        exp_is_safe = _unshifted_exp_test(weight)
         for start in range(0, n, chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
             rows = h.shape[0]
-            lt, pt, c = _prefix(logits, vocab, rows), _prefix(probs, vocab, rows), cols[:rows]
+            lt, et, c = _prefix(logits, vocab, rows), _prefix(exps, vocab, rows), cols[:rows]
             torch.mm(weight, h.t(), out=lt)
             if low_precision:
-                pt.copy_(lt)
-            sums, loss = _exp_cross_entropy_(pt, t, c, shift=not exp_is_safe(h))
+                et.copy_(lt)
+            sums, loss = _exp_cross_entropy_(et, t, c, shift=not exp_is_safe(h))
             total += loss
-            _grads_from_exps(pt, sums, t, c, h, weight,
+            _grads_from_exps(et, sums, t, c, h, weight,
                              grad_hidden[start : start + rows] if need_hidden else None,
                              grad_weight if need_weight else None, first=start == 0)
         ctx.weight_dtype = weight.dtype
