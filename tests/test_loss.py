@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import megamora.loss as loss_module
 from megamora.config import ModelConfig
 from megamora.loss import linear_cross_entropy
 from megamora.model import build_model, init_weights
@@ -39,16 +40,21 @@ def test_chunked_equals_plain_fp32(chunk, reduction):
     assert got[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("scale", [1.0, 40.0])
-def test_logits_with_or_without_the_max_shift(scale):
+@pytest.mark.parametrize("scale, shifted", [(1.0, False), (40.0, True)])
+def test_logits_with_or_without_the_max_shift(scale, shifted, monkeypatch):
     """Small logits are exp'd unshifted (their bound is checked); large ones (|logit| in the
     hundreds, where exp overflows fp32) take the max shift; both equal the plain loss."""
     hidden, weight, targets = inputs()
     hidden = (hidden.detach() * scale).requires_grad_()
-    if scale > 1:
+    if shifted:
         assert F.linear(hidden, weight).abs().max() > 100
+    shifts = []
+    exp_cross_entropy = loss_module._exp_cross_entropy_
+    monkeypatch.setattr(loss_module, "_exp_cross_entropy_",
+                        lambda *a, shift: shifts.append(shift) or exp_cross_entropy(*a, shift=shift))
     ref = grads(reference, hidden, weight, targets)
     got = grads(lambda h, w, t: linear_cross_entropy(h, w, t, 8), hidden, weight, targets)
+    assert shifts == [shifted] * 5  # 37 tokens in chunks of 8
     for a, b in zip(got, ref):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
