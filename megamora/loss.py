@@ -69,8 +69,8 @@ def _unshifted_exp_test(weight: torch.Tensor) -> Callable[[torch.Tensor], bool]:
     if weight.device.type != "cpu":
         return lambda h: False
     limit = 80.0 - math.log(weight.shape[0])
-    w_norm = torch.linalg.vector_norm(weight.float(), dim=1).max().item()
-    return lambda h: w_norm * torch.linalg.vector_norm(h.float(), dim=1).max().item() < limit
+    w_norm = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).max().item()
+    return lambda h: w_norm * torch.linalg.vector_norm(h, dim=1, dtype=torch.float32).max().item() < limit
 
 
 def _grads_from_exps(exps, sums, targets, cols, h, weight, grad_hidden, grad_weight, first: bool) -> None:
