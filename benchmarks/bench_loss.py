@@ -6,7 +6,12 @@ layouts its logits could be made in.
 
 Prints, as medians of interleaved rounds (ABAB...), with ratios to the first row of each group:
   logits GEMM of one chunk: token-major hidden @ weight.T (tokens, vocab) against vocabulary-major
-      weight @ hidden.T (vocab, tokens), the layout megamora.loss uses;
+      weight @ hidden.T (vocab, tokens), the layout megamora.loss uses; and that GEMM into a buffer
+      allocated fresh for the call (as every step would without megamora.loss's kept scratch), with
+      the page faults per call;
+  softmax over the vocabulary of one (vocab, chunk) block, each variant on a fresh copy of the same
+      logits (the copy is timed in all of them): torch.log_softmax(dim=0) + exp_, against
+      megamora.loss's passes with and without the max shift;
   forward + backward of the loss (both gradients): F.cross_entropy(F.linear(h, w).float()) against
       linear_cross_entropy(h, w, targets, --chunk).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megamora.loss import linear_cross_entropy
+from megamora.loss import _exp_cross_entropy_, linear_cross_entropy
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -68,6 +74,28 @@ def main(argv: list[str] | None = None) -> None:
     report(f"logits GEMM of one chunk ({h.shape[0]} tokens, K = {args.dim})", interleaved({
         "hidden @ weight.T (tokens, vocab)": lambda: torch.mm(h, w.t(), out=token_major),
         "weight @ hidden.T (vocab, tokens): ours": lambda: torch.mm(w, h.t(), out=vocab_major),
+        "weight @ hidden.T into a fresh buffer": lambda: torch.mm(w, h.t()),
+    }, args.rounds))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.mm(w, h.t())
+    print(f"  page faults of one call into a fresh buffer: {resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}")
+
+    logits, block = vocab_major.clone(), torch.empty_like(vocab_major)
+    cols = torch.arange(block.shape[1])
+    chunk_targets = targets[: block.shape[1]]
+
+    def torch_log_softmax() -> None:
+        block.copy_(logits)
+        torch.log_softmax(block, dim=0, out=block)
+        block.exp_()
+
+    def ours(shift: bool) -> Callable[[], None]:
+        return lambda: _exp_cross_entropy_(block.copy_(logits), chunk_targets, cols, shift=shift)
+
+    report(f"softmax over the vocabulary of one ({args.vocab}, {block.shape[1]}) block, copy included", interleaved({
+        "copy, log_softmax(dim=0), exp_": torch_log_softmax,
+        "copy, ours: amax, sub_, exp_, sum": ours(True),
+        "copy, ours unshifted: exp_, sum": ours(False),
     }, args.rounds))
 
     def step(loss_fn) -> Callable[[], None]:

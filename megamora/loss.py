@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 
-# On CPU a fresh (vocab, chunk) buffer is a page fault per 4 KiB on every step, ~25 ms of an 850 ms
-# 20m step; so each thread keeps its scratch buffers (one per dtype) for the next call. They are
+# On CPU a fresh (vocab, chunk) buffer is a page fault per 4 KiB on every step, ~29 ms of an 850 ms
+# 20m step (benchmarks/bench_loss.py); so each thread keeps its scratch buffers (one per dtype) for the next call. They are
 # scratch only: nothing returned by a call points into them. CUDA's caching allocator does this itself.
 _cpu_scratch = threading.local()
 
@@ -52,7 +52,8 @@ def _exp_cross_entropy_(logits: torch.Tensor, targets: torch.Tensor, cols: torch
     max (two passes) for logits known to be too small for exp and its sum to overflow.
 
     Written out as whole-tensor passes: torch's log_softmax over a non-last dim walks the vocabulary
-    one page-strided row at a time and is 2x slower here, and exp-ing its output exps twice."""
+    one page-strided row at a time and is 1.7x slower here (benchmarks/bench_loss.py), and exp-ing
+    its output exps twice."""
     if shift:
         logits.sub_(logits.amax(dim=0))
     shifted_target = logits[targets, cols]
