@@ -118,6 +118,9 @@ class ParallelConfig:
     # (offload, bucket sizes...); nested sections merge key by key.
     deepspeed_config: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
+    # Internal precision of fp32 matmuls on CUDA (torch.set_float32_matmul_precision): high = TF32
+    # tensor cores, highest = true fp32, medium = bf16. CPU runs always compute fp32 matmuls in fp32.
+    fp32_matmul_precision: str = "high"
     param_dtype: str = "float32"  # compute dtype of the sharded params: float32 | bfloat16
     reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
     activation_checkpointing: bool = False
@@ -176,6 +179,7 @@ _CHOICES = {
     "parallel.engine": ("fsdp2", "deepspeed"),
     "parallel.zero_stage": (1, 2, 3),
     "parallel.device": ("auto", "cpu", "cuda"),
+    "parallel.fp32_matmul_precision": ("high", "highest", "medium"),
     "parallel.param_dtype": ("float32", "bfloat16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),
     "logging.wandb_mode": ("disabled", "offline", "online"),

@@ -22,6 +22,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    fp32_matmul_precision: str = "highest"  # in force for this process's fp32 matmuls
 
     @property
     def is_main(self) -> bool:
@@ -34,11 +35,36 @@ class DistInfo:
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """The GPU of this local rank: LOCAL_RANK modulo the GPUs this process sees, so that both layouts
+    work: every rank of a node sees all of its GPUs (torchrun: rank i takes cuda:i), or each task
+    sees only its own (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank: cuda:0)."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("parallel.device=cuda but no CUDA device is available")
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def set_fp32_matmul_precision(precision: str, device: torch.device) -> str:
+    """Apply parallel.fp32_matmul_precision on CUDA ("high": TF32 tensor cores; torch's default is
+    "highest", true fp32 GEMMs at a fraction of the speed) and return the precision in force. On CPU
+    nothing is set: torch's global setting would reach oneDNN there too ("medium" computes fp32 GEMMs
+    in bf16 on CPUs with AVX512-BF16), and CPU runs keep their exact fp32 numerics."""
+    if device.type != "cuda":
+        return "highest"
+    torch.set_float32_matmul_precision(precision)
+    return precision
+
+
+def cpus_per_rank() -> int:
+    """This rank's share of the CPUs it may run on: the affinity set (what srun --cpus-per-task or
+    taskset gave the process) split among the ranks that share it (torchrun's LOCAL_WORLD_SIZE);
+    at least 1. Used for the tokenizer's threads, which would otherwise use every core in every rank."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - no affinity API (macOS)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def init_distributed(cfg: ParallelConfig) -> DistInfo:
@@ -47,7 +73,8 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
     which always needs one: it gets a group of one."""
     launched = "RANK" in os.environ
     if not launched and cfg.engine != "deepspeed":
-        return DistInfo(0, 1, 0, pick_device(cfg.device))
+        device = pick_device(cfg.device)
+        return DistInfo(0, 1, 0, device, set_fp32_matmul_precision(cfg.fp32_matmul_precision, device))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(cfg.device, local_rank)
     if device.type == "cuda":
@@ -61,7 +88,8 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it even for one process
             dist.init_process_group(backend=backend, device_id=device_id, rank=0, world_size=1,
                                     store=dist.HashStore())
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
+                    set_fp32_matmul_precision(cfg.fp32_matmul_precision, device))
 
 
 def process_group_active() -> bool:

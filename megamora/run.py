@@ -262,7 +262,8 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
         loader.load_state_dict(load_checkpoint(ckpt, engine, stream_ids))
         trainer.step = state["step"]
     metrics.log(trainer.step, {
-        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device), **engine.checkpoint_info(),
+        "world_size": dist.world_size, "grad_accum": accum, "device": str(dist.device),
+        "fp32_matmul_precision": dist.fp32_matmul_precision, **engine.checkpoint_info(),
         **summary, "resumed_from": str(ckpt) if ckpt else None, **config_record,
     }, kind="setup")
     return trainer, ckpt

@@ -12,6 +12,7 @@ Two known differences, both rare on C4:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -32,12 +33,12 @@ class Tokenizer(Protocol):
 class SentencePieceTokenizer:
     """A SentencePiece `.model` file; batches are encoded on `num_threads` C++ threads."""
 
-    def __init__(self, path: str | Path, num_threads: int = -1):
+    def __init__(self, path: str | Path, num_threads: int):
         import sentencepiece
 
         self.path = str(path)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
-        self._num_threads = num_threads  # -1: SentencePiece picks (all cores)
+        self._num_threads = num_threads  # -1 would be every core of the machine, in every rank
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
@@ -90,10 +91,22 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
-def load_tokenizer(name_or_path: str, num_threads: int = -1) -> Tokenizer:
-    """A tokenizer from a `.model` file, a tokenizer.json (or a folder holding one), or a Hub name."""
+def load_tokenizer(name_or_path: str, num_threads: int | None = None) -> Tokenizer:
+    """A tokenizer from a `.model` file, a tokenizer.json (or a folder holding one), or a Hub name,
+    encoding on `num_threads` threads (None: this rank's share of the CPUs, cpus_per_rank; -1: every
+    core of the machine, what both libraries do by default)."""
     import tokenizers
 
+    from megamora.distributed import cpus_per_rank
+
+    if num_threads is None:
+        num_threads = cpus_per_rank()
+    if num_threads < 1 and num_threads != -1:
+        raise ValueError(f"tokenizer num_threads={num_threads} must be positive (or -1: all cores)")
+    if num_threads > 0:
+        # Hugging Face tokenizers encode batches on Rayon's global pool, sized once from this
+        # variable at its first use (default: every core); a value the user set is kept.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(num_threads))
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
