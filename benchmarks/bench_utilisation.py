@@ -4,13 +4,13 @@ bounds it: the step's time split between matmuls and everything else.
     .venv/bin/python benchmarks/bench_utilisation.py                   # 20m, seq 256, batch 8, fp32 + bf16
     .venv/bin/python benchmarks/bench_utilisation.py --preset 60m      # the larger CPU-feasible size
 
-Achieved FLOP/s = megamora.model.flops_per_token(cfg.model, seq_len) x batch x seq_len / the median step
+Achieved FLOP/s = megamora.plan.flops_per_token(cfg) x batch x seq_len / the median step
 time (forward, loss, backward, AdamW, zero_grad: bench_step.py's step, built the same way, median of
 --rounds rounds of --steps steps). The peak it is divided by is measured in the same run, dtype and
 thread count: the best of --gemm-reps square matmuls n x n x n (2 n^3 FLOPs; n = 2048 on CPU, 8192 on
 CUDA). bf16 steps run under torch.autocast over fp32 weights and are compared with the bf16 GEMM. On
 CUDA the bf16 line also gives the MFU against the datasheet dense bf16 peak of the device, when its
-name is in DEVICE_PEAKS.
+name is in megamora.metrics.PEAK_BF16_FLOPS.
 
 Profile: torch.profiler over --profile-steps steps. On CPU, ops by self CPU time (the time on the
 calling thread, intra-op threads included in the op's wall time); on CUDA, kernels by device time.
@@ -36,10 +36,9 @@ from bench_step import (  # noqa: E402
     DTYPES, Contender, add_common_args, batch_for, bench_config, build_ours, setup, sync, time_contenders, train_step,
 )
 
-from megamora.model import flops_per_token  # noqa: E402
+from megamora.metrics import peak_flops  # noqa: E402
+from megamora.plan import flops_per_token  # noqa: E402
 
-# Datasheet dense bf16 tensor-core peaks, FLOP/s; matched in order against torch.cuda.get_device_name.
-DEVICE_PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12)]
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
               "aten::_addmm_activation"}
 MATMUL_WORDS = ("scaled_dot_product", "flash_attention", "efficient_attention",  # attention ops
@@ -69,10 +68,9 @@ def gemm_peak(n: int, dtype: torch.dtype, device: torch.device, reps: int) -> fl
 
 
 def device_peak(device: torch.device) -> tuple[str, float] | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next(((name, peak) for key, peak in DEVICE_PEAKS if key in name), None)
+    """(name, datasheet dense bf16 peak) of a known GPU (megamora.metrics, as the trainer's MFU)."""
+    peak = peak_flops(device)
+    return (torch.cuda.get_device_name(device), peak) if peak else None
 
 
 def optimizer_time(events) -> float:
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     n = args.gemm_size or (8192 if device.type == "cuda" else 2048)
     cfg = bench_config(args)
     m = cfg.model
-    fpt = flops_per_token(m, args.seq_len)
+    fpt = flops_per_token(cfg)
     tokens = args.batch * args.seq_len
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; model {args.preset} full rank (dim {m.dim}, "

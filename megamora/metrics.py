@@ -14,17 +14,32 @@ import torch
 
 log = logging.getLogger("megamora")
 
-# Dense bf16 peak FLOP/s per GPU (no sparsity), from the vendors' datasheets.
+# Dense bf16 tensor-core peak FLOP/s per GPU (without 2:4 sparsity: half the datasheets' headline
+# figures), matched as substrings of torch.cuda.get_device_name in this order: the first key found
+# in the name wins, so specific names come before their prefixes. GPUs without bf16 tensor cores
+# (V100: fp16 only) are absent: no MFU is reported there. Sources, NVIDIA datasheets:
+#   H200 (nvidia.com/en-us/data-center/h200): BF16 1,979 TFLOPS SXM / 1,671 NVL, with sparsity
+#   H100 (nvidia.com/en-us/data-center/h100): BF16 1,979 SXM / 1,671 NVL / 1,513 PCIe, with sparsity
+#   H800 (H800 product brief): the H100's compute, 1,979 SXM / 1,513 PCIe, with sparsity
+#   B200 (HGX B200 spec, nvidia.com/en-us/data-center/hgx): FP16/BF16 4.5 PFLOPS per GPU, with sparsity
+#   A100 / A800 (A100, A800 datasheets): BF16 312 TFLOPS dense (624 with sparsity)
+#   L40S (L40S datasheet): BF16 362.05 TFLOPS dense (733 with sparsity)
+#   GB200 (GB200 NVL72 spec): FP16/BF16 5 PFLOPS per GPU, with sparsity (its B200 runs at 1,200 W)
+#   A10G: AWS publishes no datasheet; the A10's BF16 125 TFLOPS dense (250 with sparsity)
 PEAK_BF16_FLOPS = {
+    "GB200": 2500e12,
+    "B200": 2250e12,
+    "H200 NVL": 835e12,
     "H200": 989e12,
-    "H100 SXM": 989e12,
     "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H100": 989e12,
+    "H800 PCIe": 756e12,
+    "H800": 989e12,
     "A100": 312e12,
+    "A800": 312e12,
     "L40S": 362e12,
     "A10G": 125e12,
-    "V100": 125e12,
 }
 
 

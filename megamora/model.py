@@ -157,14 +157,6 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding matmul params) + causal attention (PaLM appendix B)."""
-    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    per_layer = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim + 3 * cfg.dim * cfg.ffn_dim
-    matmul_params = cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
-    return 6.0 * matmul_params + 6.0 * cfg.n_layers * cfg.dim * seq_len
-
-
 # ---------------------------------------------------------------------------------------------
 # Initialisation: every parameter is drawn in full from a generator seeded by (seed, its name), so
 # the weights are identical for any world size and any sharding, and independent of module order

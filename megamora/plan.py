@@ -190,6 +190,107 @@ def _adapter_module(short: str, layers: list, lora_type: type) -> AdapterModule:
 
 
 # ---------------------------------------------------------------------------------------------
+# FLOPs per token of a training step (forward + backward), counting what is computed. A GEMM of an
+# (in, out) weight costs 2 in out per token forward, 2 in out for its input's gradient (only where
+# something before it trains) and 2 in out for its weight's gradient (only if the weight trains):
+# 6 per parameter for full-rank training, 4 for a frozen base weight. The adapters add their own
+# GEMMs; causal attention costs 2 s h per token forward (half of the s x s scores) and twice that
+# backward. Not counted: elementwise work, activation-checkpointing recomputation (MFU counts model
+# FLOPs, not hardware FLOPs), MoRA's fp32 alignment padding.
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs per token by where they go; `total` is what MFU divides by the peak."""
+
+    base: float  # the model's own linear layers and the output head
+    adapters: float  # LoRA's A and B, MoRA's M
+    attention: float
+
+    @property
+    def total(self) -> float:
+        return self.base + self.adapters + self.attention
+
+
+def _trains(module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def adapter_flops(layer, input_grad: bool) -> int:
+    """An adapter's own GEMMs per token: forward, its parameters' gradients, its input's gradient."""
+    from megamora.adapters import LoRALinear
+
+    if isinstance(layer, LoRALinear):  # x A^T, then h B^T; grads of B, h and A; then x's
+        n_in, n_out, r = layer.in_features, layer.out_features, layer.r
+        return 2 * r * (n_in + n_out) + 2 * r * (2 * n_out + n_in) + (2 * r * n_in if input_grad else 0)
+    geo = layer.geometry  # MoRA: M (r_hat x r_hat) on each of `chunks` compressed vectors (1 if shared)
+    return 2 * geo.chunks * layer.r_hat**2 * (2 + input_grad)
+
+
+def linear_flops(layer, input_grad: bool) -> tuple[int, int, bool]:
+    """(base, adapter) FLOPs per token of one linear layer, plain or adapted, and whether its output
+    needs a gradient (its input does, or something in it trains)."""
+    from megamora.adapters.base import AdapterLinear
+
+    base = layer.base if isinstance(layer, AdapterLinear) else layer
+    n = base.in_features * base.out_features
+    base_flops = 2 * n * (1 + input_grad + base.weight.requires_grad)
+    extra = adapter_flops(layer, input_grad) if base is not layer else 0
+    return base_flops, extra, input_grad or _trains(layer)
+
+
+def block_flops(block, seq_len: int, input_grad: bool) -> tuple[StepFlops, bool]:
+    """One transformer block, following which activations need a gradient; returns whether its output does."""
+    base = extra = 0
+
+    def run(layers, grad_in: bool) -> bool:
+        nonlocal base, extra
+        out = False
+        for layer in layers:
+            b, e, g = linear_flops(layer, grad_in)
+            base, extra, out = base + b, extra + e, out or g
+        return out
+
+    attn, mlp = block.self_attn, block.mlp
+    qkv_grad = run([attn.q_proj, attn.k_proj, attn.v_proj], input_grad or _trains(block.input_layernorm))
+    attention = 2 * seq_len * attn.n_heads * attn.head_dim * (3 if qkv_grad else 1)
+    h_grad = run([attn.o_proj], qkv_grad) or input_grad  # (run first: no short circuit)
+    act_grad = run([mlp.gate_proj, mlp.up_proj], h_grad or _trains(block.post_attention_layernorm))
+    out_grad = run([mlp.down_proj], act_grad) or h_grad
+    return StepFlops(base, extra, attention), out_grad
+
+
+def model_flops(model, seq_len: int) -> StepFlops:
+    """FLOPs per token of a training step of `model` (any device, meta included) at this sequence length."""
+    base = extra = attention = 0.0
+    grad = model.embed_tokens.weight.requires_grad
+    for block in model.layers:
+        f, grad = block_flops(block, seq_len, grad)
+        base, extra, attention = base + f.base, extra + f.adapters, attention + f.attention
+    head = model.lm_head
+    head_flops = 2 * head.in_features * head.out_features * (
+        1 + (grad or _trains(model.norm)) + head.weight.requires_grad)
+    return StepFlops(base + head_flops, extra, attention)
+
+
+def step_flops(cfg: TrainConfig) -> StepFlops:
+    """The run's FLOPs per token, from its model and adapters built on the meta device."""
+    from megamora.adapters import apply_adapters
+    from megamora.model import build_model
+
+    model = build_model(cfg.model, device="meta")
+    try:
+        apply_adapters(model, cfg.adapter)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+    return model_flops(model, cfg.data.seq_len)
+
+
+def flops_per_token(cfg: TrainConfig) -> float:
+    return step_flops(cfg).total
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory per rank: the rules of the module docstring, one function per line of the table
 
 
@@ -275,7 +376,6 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
     """The plan of `cfg` on `world_size` ranks. `distributed`: launched by torchrun / deepspeed
     (WORLD_SIZE set), so fsdp2 shards even on one rank. Raises ConfigError for a global batch that
     the ranks cannot split or adapters the model cannot take."""
-    from megamora.model import flops_per_token
     from megamora.train import grad_accum_steps
 
     if world_size < 1:
@@ -287,7 +387,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
     mode = engine_mode(cfg.parallel.engine, cfg.parallel.zero_stage, distributed)
     counts = count_params(cfg)
     tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    fpt = flops_per_token(cfg)
     return Plan(
         mode=mode,
         engine=ENGINE_NAMES[mode],

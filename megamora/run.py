@@ -44,8 +44,9 @@ from megamora.distributed import (
 )
 from megamora.engines import build_engine, check_engine, engine_class
 from megamora.metrics import MetricsLogger, read_metrics
-from megamora.model import build_model, flops_per_token, materialize
+from megamora.model import build_model, materialize
 from megamora.optim import build_optimizer
+from megamora.plan import flops_per_token
 from megamora.preemption import StopSignals
 from megamora.runlock import lock_run_dir, unlock_run_dir
 from megamora.tokenizer import load_tokenizer
@@ -252,7 +253,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
         restarts = Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps)
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.wandb_mode, cfg.logging.wandb_project, to_dict(cfg))
     trainer = Trainer(cfg, engine, loader, validation, dist, metrics,
-                      flops_per_token(cfg.model, cfg.data.seq_len), run_dir, restarts)
+                      flops_per_token(cfg), run_dir, restarts)
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:

@@ -104,13 +104,13 @@ def test_activations_by_hand_and_checkpointing_lowers_them():
 
 
 def test_plan_batch_tokens_flops_and_text():
-    from megamora.model import flops_per_token
+    from megamora.plan import flops_per_token
 
     cfg = tiny("adapter.kind=lora", "adapter.r=4", "parallel.engine=deepspeed", "parallel.zero_stage=3")
     plan = make_plan(cfg, world_size=2, distributed=True)
     assert (plan.engine, plan.grad_accum, plan.tokens_per_step, plan.total_tokens) == (
         "DeepSpeed ZeRO-3", 2, 8 * 16, 10 * 8 * 16)
-    assert plan.total_flops == flops_per_token(cfg.model, 16) * plan.total_tokens
+    assert plan.total_flops == flops_per_token(cfg) * plan.total_tokens
     text = format_plan(plan)
     for needle in ("DeepSpeed ZeRO-3", "world size                2", "accumulation 2", "q_proj", "lora r=4",
                    f"{plan.params.total:,}", "optimizer state", "activations (ckpt)", "total"):
