@@ -26,7 +26,8 @@ from torch.distributed.checkpoint import CheckpointException
 
 from megamora.distributed import barrier, process_group_active
 from megamora.engines import Engine, engine_class
-from megamora.engines.tensors import set_full_
+from megamora import adapters
+from megamora.engines.tensors import dcp_loadable, set_full_
 
 if TYPE_CHECKING:
     from megamora.config import ModelConfig
@@ -246,26 +247,47 @@ def load_base_weights(path: str | Path, model: nn.Module) -> None:
     """Load a full-rank checkpoint's weights, or a Hugging Face LlamaForCausalLM folder's (see
     resolve_warm_start), into `model` (plain or sharded), whose targeted layers may be wrapped by
     adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own initial values.
-    Every rank reads the whole checkpoint and keeps its own part."""
-    from megamora.engines.fsdp2 import CheckpointMismatch
+    An FSDP2 checkpoint or a folder loads straight into the model's own (sharded) tensors: no rank
+    holds a second, full copy of the model."""
     from megamora.hf import is_hf_folder, load_hf_weights, read_hf_folder
+
+    if is_hf_folder(path):
+        load_hf_weights(read_hf_folder(path), model)
+        return
+    targets = adapters.base_parameters(model)
+    if saved_engine(path) == "fsdp2" and all(dcp_loadable(p) for p in targets.values()):
+        _load_dcp_base_weights(Path(path), model, targets)
+        return
+    _load_through_full_copy(path, model, targets)  # a DeepSpeed checkpoint, or ZeRO-partitioned parameters
+
+
+def _load_dcp_base_weights(path: Path, model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+    """DCP reads each rank's own slices of the plain model's weights into `targets` in place."""
+    from megamora.engines.fsdp2 import CheckpointMismatch, _dcp_load, check_model_keys
+    from megamora.model import build_model
+
+    try:
+        check_model_keys(path, build_model(model.cfg, device="meta").state_dict())
+    except CheckpointMismatch as e:  # e.g. warm_start= names an adapter run
+        raise ValueError(f"{path}: is not a full-rank checkpoint of this model's shapes: {e.detail}") from None
+    _dcp_load({"model": {name: p.detach() for name, p in targets.items()}}, path)
+
+
+def _load_through_full_copy(path: str | Path, model: nn.Module, targets: dict[str, torch.Tensor]) -> None:
+    """Read the whole checkpoint into a plain model on the CPU, then give every tensor its value."""
+    from megamora.engines.fsdp2 import CheckpointMismatch
     from megamora.model import build_model
 
     source = build_model(model.cfg, device="meta")
     source.to_empty(device="cpu")
     source.tie_weights()
-    if is_hf_folder(path):
-        load_hf_weights(read_hf_folder(path), source)  # fp32: cast from the folder's dtype
-    else:
-        try:
-            load_model_weights(path, source)
-        except CheckpointMismatch as e:  # e.g. warm_start= names an adapter run
-            raise ValueError(f"{path}: is not a full-rank checkpoint of this model's shapes: {e.detail}") from None
+    try:
+        load_model_weights(path, source)
+    except CheckpointMismatch as e:  # e.g. warm_start= names an adapter run
+        raise ValueError(f"{path}: is not a full-rank checkpoint of this model's shapes: {e.detail}") from None
     weights = dict(source.named_parameters())
-    for name, param in model.named_parameters():
-        plain = name.replace(".base.", ".")
-        if plain in weights:
-            set_full_(param, weights[plain])
+    for name, param in targets.items():
+        set_full_(param, weights[name])
 
 
 def load_checkpoint(path: str | Path, engine: Engine, stream_ids: list[int]) -> dict[str, dict]:

@@ -27,8 +27,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from megamora.adapters import iter_adapters
+from megamora.adapters import base_parameters, iter_adapters
 from megamora.config import ModelConfig
+from megamora.engines.tensors import set_full_
 from megamora.model import Llama, build_model
 
 T5_EOS_ID, T5_PAD_ID = 1, 0
@@ -368,20 +369,22 @@ def model_differences(folder: ModelConfig, run: ModelConfig) -> dict[str, tuple]
 
 @torch.no_grad()
 def load_hf_weights(folder: HFFolder, model: Llama) -> None:
-    """Copy a checked folder's weights into a plain `model` of the same shapes (cast to its dtype),
-    one safetensors file at a time."""
+    """Copy a checked folder's weights into `model` of the same shapes (cast to its dtype), one
+    safetensors file at a time: a plain model, or one whose layers adapters wrap (`q_proj.base.weight`
+    takes `q_proj.weight`; the adapters keep their values), sharded or not. No full copy of the model
+    is made beside it."""
     differ = model_differences(folder.model_cfg, model.cfg)
     if differ:
         what = "; ".join(f"{k}={a} in the folder vs {b}" for k, (a, b) in differ.items())
         raise ValueError(f"{folder.path}: another model than this one: {what}")
+    targets = base_parameters(model)
     loaded: set[str] = set()
     for f in folder.files:
-        state = {k: v for k, v in from_hf_names(load_file(str(f))).items() if not _ignored(k)}
-        if model.cfg.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        model.load_state_dict(state, strict=False)  # keys and shapes were checked by read_hf_folder
-        loaded.update(state)
-    left = [k for k in model.state_dict() if k not in loaded and not (model.cfg.tie_embeddings and k == "lm_head.weight")]
+        for name, value in from_hf_names(load_file(str(f))).items():
+            if name in targets:  # keys and shapes were checked by read_hf_folder; lm_head may be tied
+                set_full_(targets[name], value)
+                loaded.add(name)
+    left = sorted(set(targets) - loaded)
     if left:  # the headers said otherwise: the files changed under us
         raise ValueError(f"{folder.path}: no weights loaded for {left[:3]}")
 

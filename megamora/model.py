@@ -167,18 +167,21 @@ def normal_init(std: float) -> InitFn:
     return lambda t, g: t.normal_(0.0, std, generator=g)
 
 
-def init_weights(model: nn.Module, seed: int, std: float = 0.02) -> None:
+def init_weights(model: nn.Module, seed: int, std: float = 0.02, draw: bool = True) -> None:
     """Give every parameter and buffer its initial value (after `to_empty` on a meta model).
 
     A module may declare `param_init = {name: fn(tensor, generator)}`; anything else (Linear and
     Embedding weights) is normal(0, std) as in Hugging Face. Modules with non-persistent buffers
     recompute them in `init_buffers()`. Wrapped base layers (`.base.`) are seeded under the name
     they have in the plain model, so adapted and full-rank runs start from the same weights.
+    draw=False computes the buffers only: for a resume, whose checkpoint overwrites every parameter.
     """
     done: set[int] = set()
     for mod_name, module in model.named_modules():
         if hasattr(module, "init_buffers"):
             module.init_buffers()
+        if not draw:
+            continue
         rules = getattr(module, "param_init", {})
         for p_name, param in module.named_parameters(recurse=False):
             if id(param) in done:  # tied weights
@@ -193,10 +196,10 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Llama:
         return Llama(cfg)
 
 
-def materialize(model: Llama, device: torch.device, seed: int, std: float) -> None:
+def materialize(model: Llama, device: torch.device, seed: int, std: float, draw: bool = True) -> None:
     model.to_empty(device=device)
     model.tie_weights()
-    init_weights(model, seed, std)
+    init_weights(model, seed, std, draw)
 
 
 def kaiming_uniform_init(t: torch.Tensor, g: torch.Generator) -> None:

@@ -22,7 +22,7 @@ from megamora.model import RMSNorm, count_parameters
 
 __all__ = [
     "MORA_TYPES", "LoRALinear", "MoRALinear", "apply_adapters", "canonical_mora_type", "describe_adapters",
-    "iter_adapters", "merge_adapters", "mora_r_hat",
+    "base_parameters", "iter_adapters", "merge_adapters", "mora_r_hat",
 ]
 
 ADAPTER_TYPES = (LoRALinear, MoRALinear)
@@ -116,6 +116,13 @@ def describe_adapters(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a plain (full-rank) model of the same shapes also has, under its names
+    (`q_proj.base.weight` as `q_proj.weight`); the adapters' own parameters left out, tied weights once."""
+    own = {id(p) for _, layer in iter_adapters(model) for n, p in layer.named_parameters() if not n.startswith("base.")}
+    return {name.replace(".base.", "."): p for name, p in model.named_parameters() if id(p) not in own}
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter's exact dW into its base weight and put the base nn.Linear back in its
     place: the result is a plain Llama computing the same function (in place; returned). Works on

@@ -79,6 +79,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return _access(t).full(t)
 
 
+def dcp_loadable(t: torch.Tensor) -> bool:
+    """Whether torch.distributed.checkpoint can load into `t` in place: a plain tensor or an FSDP2
+    shard (not a ZeRO partition, whose truth is DeepSpeed's flat master copy)."""
+    return _access(t) is not ZeroAccess
+
+
 def set_full_(t: torch.Tensor, value: torch.Tensor) -> None:
     """t = value, given the full value on every rank (and DeepSpeed's fp32 master copy with it)."""
     _access(t).set_full_(t, value)
