@@ -128,6 +128,21 @@ class ParallelConfig:
     compile: bool = False
     # Tokens per chunk of the output layer + cross-entropy (megamora.loss); 0: from the full logits.
     loss_chunk_size: int = 1024
+    # FSDP2 only. Ranks that hold one sharded copy of the model (e.g. the GPUs of one node); the
+    # world is world_size / shard_size such groups, which all-reduce gradients (HSDP: every block's
+    # all-gather stays inside a group). 0: all ranks (plain FSDP).
+    shard_size: int = 0
+    # FSDP2 only. With gradient accumulation, reduce-scatter gradients after every micro-batch
+    # instead of keeping them unsharded (reduce_dtype bytes per trainable parameter, per rank)
+    # until the last: less memory, accumulation steps x the gradient traffic.
+    reduce_scatter_every_micro_batch: bool = False
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """(replicate, shard): the FSDP2 device mesh of `world_size` ranks."""
+        shard = self.shard_size or world_size
+        if world_size % shard:
+            raise ValueError(f"parallel.shard_size={self.shard_size} does not divide the world size {world_size}")
+        return world_size // shard, shard
 
 
 @dataclass
@@ -279,6 +294,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("seed", "eval_every", "save_every"):
         _check(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)} must be >= 0")
     _check(cfg.parallel.loss_chunk_size >= 0, f"parallel.loss_chunk_size={cfg.parallel.loss_chunk_size} must be >= 0")
+    _check(cfg.parallel.shard_size >= 0, f"parallel.shard_size={cfg.parallel.shard_size} must be >= 0")
+    for name in ("shard_size", "reduce_scatter_every_micro_batch"):  # DeepSpeed shards in its own way
+        _check(cfg.parallel.engine == "fsdp2" or not getattr(cfg.parallel, name),
+               f"parallel.{name}={getattr(cfg.parallel, name)} applies to parallel.engine=fsdp2 only")
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
     _check(cfg.data.seq_len > 0, f"data.seq_len={cfg.data.seq_len} must be positive")
     _check(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0")

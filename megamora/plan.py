@@ -18,6 +18,11 @@ trainable parameter; frozen parameters have neither gradients nor optimizer stat
     DeepSpeed ZeRO-2   4 P          -                          4 T / W     4 T / W    8 T / W
     DeepSpeed ZeRO-3   4 P / W      2 B x 4 (fp32)             4 T / W     4 T / W    8 T / W
 
+FSDP2 with HSDP (parallel.shard_size = S < W) shards over the S ranks of a group: read W as S in
+its row. With gradient accumulation, FSDP2 also holds unsharded gradients, r T bytes (r: reduce_dtype
+bytes), from the first micro-batch's backward until the last one's reduce-scatter, unless
+parallel.reduce_scatter_every_micro_batch shards them every micro-batch (`grads_unsharded`).
+
 "Gathered copy": a sharded engine all-gathers one block to compute it while prefetching the next,
 so about two blocks are unsharded at a time; FSDP2's root unit (R: embeddings, final norm, head)
 stays gathered from the start of forward to the end of backward. FSDP2 gathers in param_dtype (its
@@ -94,6 +99,9 @@ class MemoryEstimate:
     params_stored: int  # the fp32 parameters (or this rank's shard of them)
     params_gathered: int  # unsharded copies of the blocks in flight (sharded engines)
     grads: int
+    # FSDP2 with gradient accumulation: the unsharded gradients (reduce_dtype) held from the first
+    # micro-batch's backward to the last one's reduce-scatter (0 with reduce_scatter_every_micro_batch)
+    grads_unsharded: int
     master: int  # DeepSpeed's fp32 master copy of the trainable parameters
     moments: int  # AdamW exp_avg + exp_avg_sq
     activations: int  # at this micro batch, without activation checkpointing
@@ -114,7 +122,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations_used
+        return self.params + self.grads + self.grads_unsharded + self.optimizer + self.activations_used
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,7 @@ class Plan:
     mode: Mode
     engine: str  # human-readable, e.g. "DeepSpeed ZeRO-3"
     world_size: int
+    shard_size: int  # ranks that shard one copy of the model (the world size but with HSDP)
     micro_batch: int  # sequences per rank per forward/backward
     global_batch: int  # sequences per optimizer step
     grad_accum: int
@@ -316,6 +325,14 @@ def grad_bytes(counts: ParamCounts, mode: Mode, world_size: int) -> int:
     return FP32 * shard(counts.trainable, world_size)
 
 
+def unsharded_grad_bytes(counts: ParamCounts, mode: Mode, accum: int, cfg: TrainConfig) -> int:
+    """FSDP2 skips the reduce-scatter on all but the last micro-batch, so every rank accumulates
+    full gradients in reduce_dtype (FSDP2 upcasts the param_dtype gradients to it) until then."""
+    if mode != "fsdp2" or accum == 1 or cfg.parallel.reduce_scatter_every_micro_batch:
+        return 0
+    return DTYPE_BYTES[cfg.parallel.reduce_dtype] * counts.trainable
+
+
 def optimizer_bytes(counts: ParamCounts, mode: Mode, world_size: int) -> tuple[int, int]:
     """(fp32 master copy, AdamW moments) bytes per rank."""
     if mode == "single":
@@ -350,8 +367,10 @@ def activation_bytes(m: ModelConfig, batch: int, seq_len: int, dtype_bytes: int,
     return m.n_layers * dtype_bytes * batch * seq_len * m.dim + block + head
 
 
-def estimate_memory(counts: ParamCounts, cfg: TrainConfig, mode: Mode, world_size: int) -> MemoryEstimate:
+def estimate_memory(counts: ParamCounts, cfg: TrainConfig, mode: Mode, world_size: int, accum: int = 1) -> MemoryEstimate:
     p = cfg.parallel
+    if mode == "fsdp2":  # HSDP: each shard group holds one copy of the model
+        world_size = p.mesh_shape(world_size)[1]
     stored, gathered = param_bytes(counts, mode, world_size, p.param_dtype)
     master, moments = optimizer_bytes(counts, mode, world_size)
     e = DTYPE_BYTES[p.param_dtype]
@@ -360,6 +379,7 @@ def estimate_memory(counts: ParamCounts, cfg: TrainConfig, mode: Mode, world_siz
         params_stored=stored,
         params_gathered=gathered,
         grads=grad_bytes(counts, mode, world_size),
+        grads_unsharded=unsharded_grad_bytes(counts, mode, accum, cfg),
         master=master,
         moments=moments,
         activations=activation_bytes(cfg.model, b, s, e, checkpointing=False),
@@ -382,6 +402,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
         raise ConfigError(f"world size {world_size} must be positive")
     try:
         accum = grad_accum_steps(cfg, world_size)
+        cfg.parallel.mesh_shape(world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     mode = engine_mode(cfg.parallel.engine, cfg.parallel.zero_stage, distributed)
@@ -392,6 +413,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
         mode=mode,
         engine=ENGINE_NAMES[mode],
         world_size=world_size,
+        shard_size=cfg.parallel.mesh_shape(world_size)[1] if mode == "fsdp2" else world_size,
         micro_batch=cfg.micro_batch_size,
         global_batch=cfg.global_batch_size,
         grad_accum=accum,
@@ -403,7 +425,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
         flops_per_token=fpt,
         total_flops=fpt * cfg.steps * tokens_per_step,
         param_dtype=cfg.parallel.param_dtype,
-        memory=estimate_memory(counts, cfg, mode, world_size),
+        memory=estimate_memory(counts, cfg, mode, world_size, accum),
     )
 
 
@@ -434,7 +456,9 @@ def format_plan(plan: Plan) -> str:
     ckpt = "on" if mem.activation_checkpointing else "off"
     lines = [
         f"{'engine':<26}{plan.engine}",
-        f"{'world size':<26}{plan.world_size}",
+        f"{'world size':<26}{plan.world_size}"
+        + (f" (HSDP: {plan.world_size // plan.shard_size} replicas of {plan.shard_size} shards)"
+           if plan.shard_size < plan.world_size else ""),
         f"{'batch':<26}micro {plan.micro_batch} x world {plan.world_size} x accumulation {plan.grad_accum}"
         f" = global {plan.global_batch} sequences of {plan.seq_len} tokens",
         f"{'gradient accumulation':<26}{plan.grad_accum}",
@@ -450,6 +474,8 @@ def format_plan(plan: Plan) -> str:
         + (f"  (stored {mem.params_stored / 2**30:.3f} + gathered blocks {mem.params_gathered / 2**30:.3f})"
            if mem.params_gathered else ""),
         f"  {'gradients':<24}{_gib(mem.grads)}",
+        *([f"  {'unsharded gradients':<24}{_gib(mem.grads_unsharded)}  (held across micro-batches; "
+           "0 with parallel.reduce_scatter_every_micro_batch=true)"] if mem.grads_unsharded else []),
         f"  {'optimizer state':<24}{_gib(mem.optimizer)}"
         + (f"  (fp32 master {mem.master / 2**30:.3f} + AdamW moments {mem.moments / 2**30:.3f})"
            if mem.master else "  (AdamW moments)"),

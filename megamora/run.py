@@ -69,6 +69,7 @@ def check_inputs(cfg: TrainConfig, dist: DistInfo) -> tuple[Any, torch.Tensor]:
     so that missing validation data is one of these errors)."""
     try:
         check_engine(cfg)
+        cfg.parallel.mesh_shape(dist.world_size)  # HSDP: shard_size divides the world
         streams = grad_accum_steps(cfg, dist.world_size) * dist.world_size
         check_data_source(cfg.data)
         tokenizer = load_tokenizer(cfg.data.tokenizer)

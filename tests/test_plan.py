@@ -67,6 +67,7 @@ def test_memory_rules_by_hand_world_2():
     assert (m.params_stored, m.params_gathered, m.grads, m.master, m.moments) == (
         4 * P // 2, (2 * B + R) * 4, 4 * T // 2, 0, 8 * T // 2)
     assert m.params == 66560 + 133120 and m.optimizer == 51200
+    assert m.grads_unsharded == 4 * T  # accumulation 2: full fp32 gradients until the last micro-batch
     m = mems["deepspeed", 1]
     assert (m.params, m.grads, m.master, m.moments) == (4 * P, 4 * T, 4 * T // 2, 8 * T // 2)
     assert (m.params, m.grads, m.optimizer) == (133120, 51200, 76800)
@@ -75,7 +76,8 @@ def test_memory_rules_by_hand_world_2():
     m = mems["deepspeed", 3]  # ZeRO-3 gathers the stored fp32 partitions
     assert (m.params_stored, m.params_gathered, m.grads, m.optimizer) == (66560, 100224, 25600, 76800)
     for m in mems.values():
-        assert m.total == m.params + m.grads + m.optimizer + m.activations
+        assert m.total == m.params + m.grads + m.grads_unsharded + m.optimizer + m.activations
+    assert all(m.grads_unsharded == 0 for (engine, _), m in mems.items() if engine == "deepspeed")
 
     # FSDP2 gathers in its compute dtype
     cfg = tiny("adapter.kind=mora", "adapter.r=4", "parallel.param_dtype=bfloat16")

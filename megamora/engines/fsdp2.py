@@ -37,10 +37,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.futures import Future
 
+from megamora.config import ParallelConfig
 from megamora.distributed import DTYPES, process_group_active
 from megamora.engines.base import Engine
 
@@ -55,11 +57,15 @@ class FSDP2Engine(Engine):
     def shard(self, model: nn.Module) -> None:
         if not self.sharded:
             return
+        # cast_forward_inputs=False: the rotary cos/sin tables passed into every block stay fp32, as in
+        # one process under autocast; the hidden states are in param_dtype already (the root's
+        # embedding computes in it), so the cast would touch nothing else.
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[self.cfg.parallel.param_dtype],
-                                  reduce_dtype=DTYPES[self.cfg.parallel.reduce_dtype])
+                                  reduce_dtype=DTYPES[self.cfg.parallel.reduce_dtype], cast_forward_inputs=False)
+        mesh = device_mesh(self.cfg.parallel, self.dist.world_size, self.dist.device.type)
         for block in model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = self.module = model
@@ -67,14 +73,25 @@ class FSDP2Engine(Engine):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.accum = self.cfg.grad_accum_steps(self.dist.world_size)
 
+    def checkpoint_info(self) -> dict[str, Any]:
+        # (replicate, shard) ranks; a checkpoint resumes on any mesh (DCP reshards)
+        mesh = list(self.cfg.parallel.mesh_shape(self.dist.world_size)) if self.sharded else [1, 1]
+        return {**super().checkpoint_info(), "mesh": mesh}
+
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
         # Sharded, the mixed-precision policy casts; one plain process uses autocast instead.
         return None if self.sharded else super().autocast_dtype
 
     def backward(self, loss: torch.Tensor, last_micro_batch: bool) -> None:
-        if self.sharded:  # reduce-scatter gradients only after the last micro-batch
-            self.module.set_requires_gradient_sync(last_micro_batch)
+        if self.sharded:
+            # By default gradients stay unsharded until the last micro-batch, then one reduce-scatter;
+            # reduce_scatter_every_micro_batch shards them every micro-batch (HSDP's all-reduce across
+            # replicas still runs once, on the last).
+            every = self.cfg.parallel.reduce_scatter_every_micro_batch
+            self.module.set_requires_gradient_sync(every or last_micro_batch)
+            if every:
+                self.module.set_requires_all_reduce(last_micro_batch)
         (loss / self.accum).backward()
 
     def step(self) -> float:
@@ -100,6 +117,14 @@ class FSDP2Engine(Engine):
         check_model_keys(path, model_sd)
         _dcp_load({"model": model_sd}, path)
         set_model_state_dict(model, model_sd)
+
+
+def device_mesh(parallel: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
+    """The ranks' mesh: 1-D (plain FSDP) or (replicate, shard) for HSDP (parallel.shard_size)."""
+    replicate, shard = parallel.mesh_shape(world_size)
+    if replicate == 1:
+        return init_device_mesh(device_type, (shard,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def _dcp(fn, state: dict, path: Path) -> None:
