@@ -50,6 +50,7 @@ from megamora.plan import flops_per_token
 from megamora.preemption import StopSignals
 from megamora.runlock import lock_run_dir, unlock_run_dir
 from megamora.tokenizer import load_tokenizer
+from megamora.versions import check_versions
 from megamora.train import Trainer, grad_accum_steps
 
 log = logging.getLogger("megamora")
@@ -293,6 +294,7 @@ def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
     Holds the run directory's lock throughout (RunDirLocked if another run has it); SIGTERM, SIGINT or
     SIGUSR1 end it after the current step with a checkpoint (Preempted); a failed save raises SaveFailed."""
     try:  # before a process group exists (DeepSpeed makes one even for one process)
+        check_versions(("torch", "deepspeed") if cfg.parallel.engine == "deepspeed" else ("torch",))
         check_engine(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
