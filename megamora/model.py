@@ -188,7 +188,7 @@ def init_weights(model: nn.Module, seed: int, std: float = 0.02, draw: bool = Tr
                 continue
             done.add(id(param))
             key = f"{mod_name}.{p_name}".replace(".base.", ".")
-            seeded_fill_(param, rules.get(p_name, normal_init(std)), seed, key)
+            seeded_fill_(param, rules.get(p_name, normal_init(std)), seed, key, owner=len(done))
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Llama:

@@ -148,3 +148,44 @@ def test_resume_draws_no_initial_values(shared_data, tmp_path, monkeypatch):
     resumed = pretrain(load_config(None, args("run")))
     assert resumed.resumed_from is not None and draws == []
     assert resumed.losses == whole.losses[3:]
+
+
+def draw_once_in_all(rank: int, port: int) -> None:
+    import megamora.engines.tensors as tensors
+
+    join(rank, port)
+    drawn: list[str] = []
+    real = tensors.seed_for
+    tensors.seed_for = lambda seed, key: (drawn.append(key), real(seed, key))[1]
+    model = sharded(ADAPTER)
+    tensors.seed_for = real
+    everyone: list[list[str]] = [[], []]
+    dist.all_gather_object(everyone, drawn)
+    assert not set(everyone[0]) & set(everyone[1]) and all(everyone)  # each tensor drawn by one rank
+    plain = build_model(MODEL, device="meta")
+    apply_adapters(plain, ADAPTER)
+    plain.to_empty(device="cpu")
+    plain.tie_weights()
+    init_weights(plain, seed=0)
+    assert sorted(everyone[0] + everyone[1]) == sorted(drawn_by_one_process(plain))
+    expected = plain.state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(full(value), expected[name]), name
+
+
+def drawn_by_one_process(plain) -> list[str]:
+    import megamora.engines.tensors as tensors
+
+    drawn: list[str] = []
+    real = tensors.seed_for
+    tensors.seed_for = lambda seed, key: (drawn.append(key), real(seed, key))[1]
+    try:
+        init_weights(plain, seed=0)
+    finally:
+        tensors.seed_for = real
+    return drawn
+
+
+def test_sharded_init_draws_each_tensor_once_in_all():
+    """2 ranks draw the model once between them (not once each), and get the one-process values."""
+    spawn_ranks(draw_once_in_all, 29644)

@@ -118,9 +118,20 @@ def seed_for(seed: int, key: str) -> int:
 
 
 @torch.no_grad()
-def seeded_fill_(param: torch.Tensor, fill: InitFn, seed: int, key: str) -> None:
-    """Fill `param` with `fill` applied to the full tensor, drawn from a generator seeded by
-    (seed, key): the values never depend on how (or whether) the tensor is sharded."""
-    full = torch.empty(param.shape if not ZeroAccess.owns(param) else ZeroAccess.shape(param), dtype=torch.float32)
-    fill(full, torch.Generator().manual_seed(seed_for(seed, key)))
-    set_full_(param, full)
+def seeded_fill_(param: torch.Tensor, fill: InitFn, seed: int, key: str, owner: Optional[int] = None) -> None:
+    """Fill `param` with `fill` applied to the full tensor, drawn on the CPU from a generator seeded
+    by (seed, key): the values never depend on how (or whether) the tensor is sharded, nor on the
+    device. `owner` (an index: the model's init passes each parameter's) spreads the drawing of
+    sharded tensors over the ranks: one rank draws, the others receive their slices, so start-up
+    draws the model once in all rather than once per rank."""
+    shape = param.shape if not ZeroAccess.owns(param) else ZeroAccess.shape(param)
+
+    def draw() -> torch.Tensor:
+        full = torch.empty(shape, dtype=torch.float32)
+        fill(full, torch.Generator().manual_seed(seed_for(seed, key)))
+        return full
+
+    if owner is not None and DTensorAccess.owns(param):
+        DTensorAccess.set_full_from_(param, draw, owner)
+    else:
+        set_full_(param, draw())
