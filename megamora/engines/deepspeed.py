@@ -3,8 +3,9 @@
 The DeepSpeed JSON config is generated from the run's own config, so batch sizes, accumulation and
 clipping are stated once; `parallel.deepspeed_config` names a JSON file whose keys override the
 generated ones (offload, bucket sizes, ...), nested sections merged key by key. The optimizer is the
-project's AdamW, passed to `deepspeed.initialize` as a client optimizer (no fused-op build), and the
-LR schedule stays the project's (the Trainer sets each group's lr before every step).
+project's AdamW, passed to `deepspeed.initialize` as a client optimizer (no fused-op build), also
+under ZeRO-Offload (torch's fused AdamW steps the offloaded fp32 partitions on the CPU), and the LR
+schedule stays the project's (the Trainer sets each group's lr before every step).
 
 Precision: parameters (frozen base weights included) stay fp32, as under FSDP2, so a ReLoRA /
 ReMoRA merge adds dW into exact fp32 weights; `parallel.param_dtype: bfloat16` computes in bf16
@@ -44,6 +45,7 @@ _OWNED_KEYS = {
     "gradient_accumulation_steps": "global_batch_size / micro_batch_size", "gradient_clipping": "optim.grad_clip",
     "optimizer": "optim (the project's AdamW)", "scheduler": "optim (the project's LR schedule)",
     "bf16": "parallel.param_dtype", "fp16": "parallel.param_dtype",
+    "zero_force_ds_cpu_optimizer": "the project's AdamW, offloaded or not",
 }
 
 
@@ -103,6 +105,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,  # the client AdamW (torch.optim.AdamW)
+        # ZeRO-Offload steps the client AdamW on the CPU (torch's fused kernel: as fast as
+        # DeepSpeedCPUAdam, the arithmetic of the FSDP2 runs, all state in its state_dict;
+        # benchmarks/bench_offload_optimizer.py), where DeepSpeed would insist on DeepSpeedCPUAdam.
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": False},
         "fp16": {"enabled": False},
         "steps_per_print": 2**62,  # the project logs its own metrics
