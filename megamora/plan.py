@@ -457,7 +457,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"{'engine':<26}{plan.engine}",
         f"{'world size':<26}{plan.world_size}"
-        + (f" (HSDP: {plan.world_size // plan.shard_size} replicas of {plan.shard_size} shards)"
+        + (f" (HSDP: {plan.world_size // plan.shard_size} replicas, shard groups of {plan.shard_size})"
            if plan.shard_size < plan.world_size else ""),
         f"{'batch':<26}micro {plan.micro_batch} x world {plan.world_size} x accumulation {plan.grad_accum}"
         f" = global {plan.global_batch} sequences of {plan.seq_len} tokens",

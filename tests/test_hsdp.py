@@ -4,11 +4,21 @@ and 2 x 1 layouts train as the flat mesh does, and checkpoints resume across lay
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import Replicate, Shard
 
 from megamora.config import ConfigError, load_config
+from megamora.distributed import DistInfo
+from megamora.engines.fsdp2 import FSDP2Engine
 from megamora.metrics import read_metrics
+from megamora.model import build_model, materialize
+from megamora.optim import build_optimizer
 from megamora.plan import make_plan
+from spawn_ranks import spawn_ranks
 from test_train import crash_after_first_checkpoint, launch, losses, tiny_overrides
 
 # (replicate, shard) ranks of each layout on 2 ranks
@@ -61,3 +71,68 @@ def test_shard_size_must_divide_the_world(shared_data, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and lines == ["error: parallel.shard_size=2 does not divide the world size 1"], proc.stderr
     assert not run_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 x 2 on 4 ranks: both mesh dimensions above 1, as on 2 nodes (engine level, no data pipeline)
+
+WORLD4 = 4
+TINY = ["run_dir=unused", "model.dim=32", "model.ffn_dim=64", "model.n_layers=2", "model.n_heads=2",
+        "model.vocab_size=97", "micro_batch_size=2", "global_batch_size=16", "optim.lr=1e-2"]  # accumulation 2
+
+
+def build(rank: int, shard_size: int):
+    cfg = load_config(None, [*TINY, f"parallel.shard_size={shard_size}"])
+    engine = FSDP2Engine(cfg, DistInfo(rank, WORLD4, rank, torch.device("cpu")))
+    model = build_model(cfg.model, device="meta")
+    engine.shard(model)
+    materialize(model, torch.device("cpu"), seed=0, std=0.02)
+    engine.setup(model, build_optimizer(model, cfg.optim))
+    return engine
+
+
+def train(engine, batches) -> list[torch.Tensor]:
+    losses = []
+    for step_batches in batches:
+        for a, tokens in enumerate(step_batches):
+            loss = engine(tokens, targets=tokens)
+            engine.backward(loss, last_micro_batch=a == len(step_batches) - 1)
+        engine.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def full_state(engine) -> dict[str, torch.Tensor]:
+    return {k: v.full_tensor() for k, v in engine.module.state_dict().items()}
+
+
+def moment(engine, param) -> torch.Tensor:
+    return engine.optimizer.state[param]["exp_avg_sq"].full_tensor()
+
+
+def worker_2x2(rank: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=WORLD4)
+    try:
+        g = torch.Generator().manual_seed(rank)  # each rank its own data, as the loader splits it
+        batches = [[torch.randint(0, 97, (2, 12), generator=g) for _ in range(2)] for _ in range(3)]
+        flat, hsdp = build(rank, 0), build(rank, 2)
+        weight = hsdp.module.layers[0].self_attn.q_proj.weight
+        assert weight.device_mesh.shape == (2, 2) and weight.placements == (Replicate(), Shard(0))
+        torch.testing.assert_close(train(hsdp, batches), train(flat, batches), rtol=1e-5, atol=1e-6)
+
+        # checkpoints reshard both ways: 2 x 2 -> flat and flat -> 2 x 2 restore the same values
+        hsdp.save(Path(tmp) / "hsdp")
+        flat.save(Path(tmp) / "flat")
+        for saved, into in (("hsdp", build(rank, 0)), ("flat", build(rank, 2))):
+            into.load(Path(tmp) / saved)
+            source = hsdp if saved == "hsdp" else flat
+            want, got = full_state(source), full_state(into)
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), saved
+            for p, q in zip(source.params, into.params):  # AdamW moments too
+                assert torch.equal(moment(source, p), moment(into, q)), saved
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hsdp_2x2_on_4_ranks_trains_like_flat_and_checkpoints_reshard(tmp_path):
+    spawn_ranks(worker_2x2, str(tmp_path), nprocs=WORLD4)
