@@ -13,6 +13,7 @@ import time
 import torch
 
 from megamora.config import load_config
+from megamora.data import ValidationShare
 from megamora.distributed import DistInfo
 from megamora.engines import build_engine
 from megamora.model import build_model, init_weights, materialize
@@ -68,7 +69,7 @@ def main() -> None:
     engine.shard(model)
     materialize(model, dist.device, 0, cfg.model.init_std)
     engine.setup(model, build_optimizer(model, cfg.optim))
-    trainer = Trainer(cfg, engine, FixedBatch(batch), batch[:1], dist, NoMetrics(), 0.0, run_dir=None)
+    trainer = Trainer(cfg, engine, FixedBatch(batch), ValidationShare(batch[:1], [0]), dist, NoMetrics(), 0.0, run_dir=None)
 
     def trainer_step():
         trainer.set_lr()

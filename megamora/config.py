@@ -92,6 +92,9 @@ class DataConfig:
     seq_len: int = 512
     shuffle_buffer: int = 1000  # documents; 0 keeps the stream order
     encode_batch: int = 64  # documents tokenized per call
+    # The validation set is this many interleaved pieces (document j goes to piece j % N); each rank
+    # tokenizes only its pieces, and the set is the same for any world size. 1: one stream in order.
+    validation_pieces: int = 64
     # Longer documents are skipped (counted as skipped_too_long): bounds reader memory and the data
     # state in checkpoints. Far above real C4 documents (the longest of the 2000 sampled: 61k characters).
     max_doc_chars: int = 1_000_000
@@ -118,6 +121,9 @@ class ParallelConfig:
     # (offload, bucket sizes...); nested sections merge key by key.
     deepspeed_config: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda
+    # How long a collective waits for the slowest rank before the run fails (init_process_group's
+    # timeout): covers rank skew at start-up, evals and checkpoint writes to a shared filesystem.
+    timeout_s: int = 1800
     # Internal precision of fp32 matmuls on CUDA (torch.set_float32_matmul_precision): high = TF32
     # tensor cores, highest = true fp32, medium = bf16. CPU runs always compute fp32 matmuls in fp32.
     fp32_matmul_precision: str = "high"
@@ -164,6 +170,9 @@ class TrainConfig:
     eval_tokens: int = 10_000_000
     final_eval_tokens: Optional[int] = None  # None: same as eval_tokens
     save_every: int = 1000  # 0: save only at the end
+    # Steps between the ranks' agreement on a stop signal (a collective and a host sync): a signal
+    # stops the run at the next multiple of this after it arrives.
+    stop_check_every: int = 10
     keep_last: int = 2
     # ReLoRA's full-rank warm start: a checkpoint (or run directory: its newest checkpoint) of a
     # full-rank run, or a Hugging Face LlamaForCausalLM folder (safetensors), whose weights this run
@@ -289,10 +298,12 @@ def validate(cfg: TrainConfig) -> None:
             0 < m.n_kv_heads <= m.n_heads and m.n_heads % m.n_kv_heads == 0,
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}",
         )
-    for name in ("steps", "global_batch_size", "micro_batch_size", "eval_tokens", "keep_last"):
+    for name in ("steps", "global_batch_size", "micro_batch_size", "eval_tokens", "keep_last", "stop_check_every"):
         _check(getattr(cfg, name) > 0, f"{name}={getattr(cfg, name)} must be positive")
     for name in ("seed", "eval_every", "save_every"):
         _check(getattr(cfg, name) >= 0, f"{name}={getattr(cfg, name)} must be >= 0")
+    _check(cfg.parallel.timeout_s > 0, f"parallel.timeout_s={cfg.parallel.timeout_s} must be positive")
+    _check(cfg.data.validation_pieces > 0, f"data.validation_pieces={cfg.data.validation_pieces} must be positive")
     _check(cfg.parallel.loss_chunk_size >= 0, f"parallel.loss_chunk_size={cfg.parallel.loss_chunk_size} must be >= 0")
     _check(cfg.parallel.shard_size >= 0, f"parallel.shard_size={cfg.parallel.shard_size} must be >= 0")
     for name in ("shard_size", "reduce_scatter_every_micro_batch"):  # DeepSpeed shards in its own way

@@ -38,11 +38,13 @@ Malformed input (local mode) is skipped and counted by reason, see SKIP_REASONS.
 from __future__ import annotations
 
 import base64
+import bisect
 import gzip
 import hashlib
 import itertools
 import json
 import zlib
+from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 from typing import Optional
@@ -604,53 +606,109 @@ def build_train_loader(
     return TrainLoader(packers, micro_batch_size=micro_batch_size, header=header)
 
 
-def validation_batches(
-    cfg: DataConfig, tokenizer, num_tokens: int, *, stats: dict[str, int] | None = None, at_most: bool = False
-) -> torch.Tensor:
-    """The first num_tokens target tokens of the validation split, in order, packed like training.
+@dataclass
+class ValidationShare:
+    """One rank's share of the validation set (validation_share): its sequences and their numbers."""
 
-    Returns (n_seq, seq_len + 1) int64 with n_seq = max(1, num_tokens // seq_len). Raises a ValueError
-    if the split is shorter than that, rather than silently evaluating on fewer tokens, unless
-    `at_most`: then the sequences the split holds (the caller says so; less than one is still an
-    error). Documents read and skipped (by reason) are added to `stats` when given.
+    sequences: torch.Tensor  # (n, seq_len + 1) int64
+    index: list[int]  # ascending: each row's number in the whole set
+
+    def first(self, n_seq: int) -> torch.Tensor:
+        """This share's rows among the whole set's first n_seq sequences."""
+        return self.sequences[: bisect.bisect_left(self.index, n_seq)]
+
+
+def validation_share(
+    cfg: DataConfig, tokenizer, num_tokens: int, *, rank: int = 0, world_size: int = 1,
+    stats: dict[str, int] | None = None, at_most: bool = False,
+) -> ValidationShare:
+    """Rank `rank`'s share of the validation set of num_tokens target tokens, packed like training.
+
+    The set is n_seq = max(1, num_tokens // seq_len) sequences in P = data.validation_pieces pieces:
+    the split's record j (in file order, malformed ones counted) goes to piece j % P, and piece k
+    packs its documents' tokens into the set's sequences k, k + P, k + 2P, ... (P = 1: the first
+    tokens of the split, in order). The set does not depend on the world size; rank r tokenizes only
+    pieces r, r + world_size, ... (every rank reads the records, which is cheap; tokenizing is not).
+
+    Raises a ValueError if a piece is too short for its sequences, rather than silently evaluating
+    on fewer tokens, unless `at_most`: then every piece keeps the whole sequences it holds, and the
+    caller checks the total over the ranks (check_validation_size). Documents read and skipped (by
+    reason) in this rank's pieces are added to `stats` when given.
     """
     if num_tokens < 1:
         raise ValueError(f"validation num_tokens={num_tokens} must be positive")
-    if cfg.seq_len < 1 or cfg.encode_batch < 1:
-        raise ValueError(f"data.seq_len={cfg.seq_len} and data.encode_batch={cfg.encode_batch} must be positive")
+    if cfg.seq_len < 1 or cfg.encode_batch < 1 or cfg.validation_pieces < 1:
+        raise ValueError(f"data.seq_len={cfg.seq_len}, data.encode_batch={cfg.encode_batch} and "
+                         f"data.validation_pieces={cfg.validation_pieces} must be positive")
     _check_max_doc_chars(cfg)
     if cfg.local_dir:
         shard = LocalShard(_local_files(cfg, cfg.validation_glob, "validation_glob"), 0, 1, cfg.max_doc_chars)
     else:
         shard = HubShard(_load_hub_split(cfg, "validation"), 0, 1, cfg.max_doc_chars)
-    n_seq = max(1, num_tokens // cfg.seq_len)
-    need = n_seq * cfg.seq_len + 1
-    parts, have, done = [], 0, False
+    seq_len, pieces = cfg.seq_len, cfg.validation_pieces
+    n_seq = max(1, num_tokens // seq_len)
+    quota = {k: n_seq // pieces + (k < n_seq % pieces) for k in range(rank, min(pieces, n_seq), world_size)}
+    texts: dict[int, list[str]] = {k: [] for k in quota}
+    parts: dict[int, list[np.ndarray]] = {k: [] for k in quota}
+    have = dict.fromkeys(quota, 0)
+    filling = set(quota)
     counts = stats if stats is not None else {}
-    while have < need and not done:
-        texts: list[str] = []
-        while len(texts) < cfg.encode_batch:
-            item = shard.next_record()
-            if item is None:
-                done = True
-                break
-            text, reason = item
-            key = "docs_read" if reason is None else f"skipped_{reason}"
-            counts[key] = counts.get(key, 0) + 1
-            if text is not None:
-                texts.append(text)
-        if texts:
-            parts.append(encode_with_eos(tokenizer, texts))
-            have += len(parts[-1])
+
+    def encode(k: int) -> None:
+        if texts[k]:
+            parts[k].append(encode_with_eos(tokenizer, texts[k]))
+            have[k] += len(parts[k][-1])
+            texts[k] = []
+        if have[k] >= quota[k] * seq_len + 1:
+            filling.discard(k)
+
+    for j in itertools.count():
+        item = shard.next_record() if filling else None
+        if item is None:
+            break
+        k = j % pieces
+        if k not in filling:
+            continue
+        text, reason = item
+        key = "docs_read" if reason is None else f"skipped_{reason}"
+        counts[key] = counts.get(key, 0) + 1
+        if text is not None:
+            texts[k].append(text)
+            if len(texts[k]) == cfg.encode_batch:
+                encode(k)
     shard.close()
-    if at_most and cfg.seq_len < have < need:
-        n_seq = (have - 1) // cfg.seq_len
-    elif at_most and have < need:
-        raise ValueError(f"the validation split holds {have} tokens, fewer than one sequence of "
-                         f"data.seq_len={cfg.seq_len} needs ({cfg.seq_len + 1})")
-    elif have < need:
-        raise ValueError(
-            f"the validation split holds {have} tokens, fewer than the {need} that {n_seq} sequences "
-            f"of data.seq_len={cfg.seq_len} need (eval tokens {num_tokens}); lower the eval tokens"
-        )
-    return torch.from_numpy(pack_windows(np.concatenate(parts), n_seq, cfg.seq_len).astype(np.int64))
+    for k in list(filling):  # the split ended: the last documents of the piece
+        encode(k)
+    rows, index = [], []
+    for k, q in quota.items():
+        held = min(q, max(0, (have[k] - 1) // seq_len))
+        if held < q and not at_most:
+            where, which = ("", str(n_seq)) if pieces == 1 else (
+                f" in piece {k} of data.validation_pieces={pieces}", f"its {q} of the {n_seq}")
+            raise ValueError(
+                f"the validation split holds {have[k]} tokens{where}, fewer than the {q * seq_len + 1} that {which} "
+                f"sequences of data.seq_len={seq_len} need (eval tokens {num_tokens}); lower the eval tokens")
+        if held:
+            rows.append(pack_windows(np.concatenate(parts[k]), held, seq_len))
+            index += [k + i * pieces for i in range(held)]
+    order = np.argsort(index, kind="stable")  # the set's order: the pieces interleaved
+    sequences = np.concatenate(rows)[order] if rows else np.empty((0, seq_len + 1), dtype=np.int32)
+    return ValidationShare(torch.from_numpy(sequences.astype(np.int64)), sorted(index))
+
+
+def check_validation_size(total_sequences: int, cfg: DataConfig) -> None:
+    """An evaluation needs one sequence at least (the total over the ranks' shares)."""
+    if total_sequences < 1:
+        raise ValueError(f"the validation split holds fewer tokens than one sequence of data.seq_len={cfg.seq_len} "
+                         f"needs ({cfg.seq_len + 1})")
+
+
+def validation_batches(
+    cfg: DataConfig, tokenizer, num_tokens: int, *, stats: dict[str, int] | None = None, at_most: bool = False
+) -> torch.Tensor:
+    """The whole validation set of num_tokens target tokens (validation_share of one process):
+    (n_seq, seq_len + 1) int64, with n_seq = max(1, num_tokens // seq_len), or with `at_most` the
+    sequences the split holds if fewer (less than one is still an error)."""
+    share = validation_share(cfg, tokenizer, num_tokens, stats=stats, at_most=at_most)
+    check_validation_size(len(share.index), cfg)
+    return share.sequences

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -82,11 +83,12 @@ def init_distributed(cfg: ParallelConfig) -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         device_id = device if device.type == "cuda" else None
+        timeout = timedelta(seconds=cfg.timeout_s)  # how long a collective may wait for the slowest rank
         if launched:
-            dist.init_process_group(backend=backend, device_id=device_id)
+            dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout)
         else:
             os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it even for one process
-            dist.init_process_group(backend=backend, device_id=device_id, rank=0, world_size=1,
+            dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout, rank=0, world_size=1,
                                     store=dist.HashStore())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device,
                     set_fp32_matmul_precision(cfg.fp32_matmul_precision, device))
@@ -117,9 +119,10 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few scalars over all ranks in fp64 (identity without a process group)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in fp64 (identity without a process group): one collective
+    and one read to the host. `values` may be a tensor already on the device."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()

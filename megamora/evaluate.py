@@ -5,36 +5,44 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from megamora.distributed import all_reduce_sum
+from megamora.distributed import all_reduce_sum, process_group_active
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, sequences: torch.Tensor, micro_batch_size: int, rank: int, world_size: int,
+def evaluate_loss(model: nn.Module, sequences: torch.Tensor, micro_batch_size: int,
                   device: torch.device) -> tuple[float, int]:
-    """Mean next-token cross-entropy over `sequences` (n, seq_len + 1) and the number of target tokens.
-
-    Rank r takes sequences r, r + world, ...; every rank runs the same number of forward passes (FSDP
-    gathers are collective), padding its last batch with weight-0 rows."""
-    n = sequences.shape[0]
-    per_rank = -(-n // world_size)
-    rounds = -(-per_rank // micro_batch_size)
-    mine = sequences[rank::world_size]
+    """Mean next-token cross-entropy and the number of target tokens over every rank's `sequences`
+    (n, seq_len + 1): this rank's share (megamora.data.validation_share). Collective under a process
+    group: every rank runs as many forward passes as the rank with the most batches (FSDP gathers
+    are collective), a rank that has run out forwarding a dummy batch whose loss is not counted."""
+    rounds = _most_over_ranks(-(-sequences.shape[0] // micro_batch_size), device)
     was_training = model.training
     model.eval()
-    loss_sum, count = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one read at the end
+    count = 0
     for i in range(rounds):
-        batch = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
+        batch = sequences[i * micro_batch_size : (i + 1) * micro_batch_size].to(device)
         if batch.shape[0] == 0:  # nothing left here; keep in step with the other ranks
-            model(sequences[:1, :-1].to(device))
+            model(torch.zeros(1, sequences.shape[1] - 1, dtype=torch.long, device=device))
             continue
-        batch = batch.to(device)
-        loss_sum += model(batch[:, :-1], targets=batch[:, 1:], reduction="sum").item()
+        loss_sum += model(batch[:, :-1], targets=batch[:, 1:], reduction="sum").double()
         count += batch[:, 1:].numel()
     model.train(was_training)
-    loss_sum, count = all_reduce_sum([loss_sum, float(count)], device)
+    loss_sum, count = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(count)]), device)
+    if count == 0:
+        raise ValueError("no validation sequence to evaluate")
     return loss_sum / count, int(count)
+
+
+def _most_over_ranks(value: int, device: torch.device) -> int:
+    if not process_group_active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def perplexity(mean_loss: float) -> float:

@@ -5,8 +5,10 @@ never online unless asked for (`logging.wandb_mode`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,28 +68,52 @@ def peak_memory_gib(device: torch.device) -> float | None:
 
 
 class Throughput:
-    """Tokens/s, FLOP/s and MFU over the training steps since the last call to `measure` (eval and
-    checkpoint time excluded: each step's own wall time is added)."""
+    """Tokens/s, FLOP/s, MFU and mean step time of the training steps since the last `measure`.
+
+    The clock runs over training only: `paused()` wraps what else the loop does (logging, eval,
+    restarts, checkpoints). Steps run asynchronously on an accelerator, so a pause first waits for
+    the queued work: the time the steps take is counted, not the time they took to launch. The loop
+    pauses only where it synchronises anyway (log, eval, save steps); on CPU the wait is nothing."""
 
     def __init__(self, flops_per_token: float, world_size: int, device: torch.device):
         self.flops_per_token = flops_per_token
         self.world_size = world_size
+        self.device = device
         self.peak = peak_flops(device)
         self.seconds = 0.0
         self.tokens = 0
+        self.steps = 0
+        self._since = time.perf_counter()
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: int) -> None:
+        """One training step of `tokens` (global) done, or queued."""
         self.tokens += tokens
-        self.seconds += seconds
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._since
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
 
     def measure(self) -> dict[str, float]:
+        """Call inside paused()."""
         tps = self.tokens / max(self.seconds, 1e-9)  # global tokens/s
         flops = tps * self.flops_per_token / self.world_size  # achieved FLOP/s per device
-        out = {"tokens_per_s": tps, "flops_per_s_per_device": flops}
+        out = {"step_time_s": self.seconds / max(self.steps, 1), "tokens_per_s": tps, "flops_per_s_per_device": flops}
         if self.peak:
             out["mfu"] = flops / self.peak
-        self.seconds, self.tokens = 0.0, 0
+        self.seconds, self.tokens, self.steps = 0.0, 0, 0
         return out
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on an accelerator (CPU work is done when its call returns)."""
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 class MetricsLogger:

@@ -1,8 +1,10 @@
 """Stopping a run cleanly on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 (SLURM's early warning, `--signal`).
 
-The handler only records the signal. After every optimizer step the Trainer asks `requested()`, a
-MAX all-reduce of the recorded signal over the ranks, so every rank stops after the same step (a signal
-may reach the ranks at different moments, or only some of them); then it saves and raises Preempted."""
+The handler only records the signal. Every `stop_check_every` optimizer steps the Trainer asks
+`requested()`, a MAX all-reduce of the recorded signal over the ranks, so every rank stops after the
+same step (a signal may reach the ranks at different moments, or only some of them); then it saves
+and raises Preempted. Asking is a host sync (the answer decides what the host does next), which is
+why it is not done after every step."""
 
 from __future__ import annotations
 

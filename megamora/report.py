@@ -153,7 +153,7 @@ def _perplexity_of(model: torch.nn.Module, sequences: torch.Tensor, batch: int, 
     device = torch.device(device)
     model.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        loss, count = evaluate_loss(model, sequences, batch, 0, 1, device)
+        loss, count = evaluate_loss(model, sequences, batch, device)
     return {"perplexity": perplexity(loss), "loss": loss, "tokens": count}
 
 

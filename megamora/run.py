@@ -32,12 +32,15 @@ from megamora.data import (
     build_train_loader,
     check_data_source,
     check_train_documents,
+    ValidationShare,
+    check_validation_size,
     train_source,
-    validation_batches,
+    validation_share,
 )
 from megamora.compute import configure_compute
 from megamora.distributed import (
     DistInfo,
+    all_reduce_sum,
     barrier,
     init_distributed,
     process_group_active,
@@ -64,10 +67,11 @@ class RunResult:
     resumed_from: Path | None
 
 
-def check_inputs(cfg: TrainConfig, dist: DistInfo) -> tuple[Any, torch.Tensor]:
+def check_inputs(cfg: TrainConfig, dist: DistInfo) -> tuple[Any, ValidationShare, int]:
     """Everything that can be wrong with the inputs, checked before any compute or file write;
-    raised as one-line ConfigErrors. Returns the tokenizer and the validation sequences (read here,
-    so that missing validation data is one of these errors)."""
+    raised as one-line ConfigErrors. Returns the tokenizer, this rank's share of the validation
+    sequences (read here, so that missing validation data is one of these errors) and the number of
+    sequences of all the shares (a collective)."""
     try:
         check_engine(cfg)
         cfg.parallel.mesh_shape(dist.world_size)  # HSDP: shard_size divides the world
@@ -82,10 +86,13 @@ def check_inputs(cfg: TrainConfig, dist: DistInfo) -> tuple[Any, torch.Tensor]:
         check_resume(cfg, dist)
         check_adapters(cfg)
         check_train_documents(cfg.data, streams)
-        validation = validation_batches(cfg.data, tokenizer, eval_tokens_asked(cfg), at_most=True)
+        validation = validation_share(cfg.data, tokenizer, eval_tokens_asked(cfg), rank=dist.rank,
+                                      world_size=dist.world_size, at_most=True)  # tokenizes this rank's pieces
+        held = int(all_reduce_sum([len(validation.index)], dist.device)[0])
+        check_validation_size(held, cfg.data)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise ConfigError(str(e).splitlines()[0]) from e
-    return tokenizer, validation
+    return tokenizer, validation, held
 
 
 def eval_tokens_asked(cfg: TrainConfig) -> int:
@@ -223,14 +230,14 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) -> tuple[Trainer, Path | None]:
-    tokenizer, validation = check_inputs(cfg, dist)
+    tokenizer, validation, held = check_inputs(cfg, dist)
     run_dir = Path(cfg.run_dir)
     lock_run_dir(run_dir, dist)  # before anything is written: one writer per run directory
     config_record = write_config(run_dir, cfg) if dist.is_main else {}
     asked = eval_tokens_asked(cfg)
-    if dist.is_main and validation.shape[0] < max(1, asked // cfg.data.seq_len):
+    if dist.is_main and held < max(1, asked // cfg.data.seq_len):
         log.warning("the validation split holds only %d tokens (%d sequences of %d), fewer than the %d eval tokens "
-                    "asked: evaluating on those", validation.shape[0] * cfg.data.seq_len, validation.shape[0],
+                    "asked: evaluating on those", held * cfg.data.seq_len, held,
                     cfg.data.seq_len, asked)
 
     engine = build_engine(cfg, dist)

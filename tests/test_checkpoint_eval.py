@@ -26,7 +26,7 @@ def tiny_model():
 def test_perplexity_is_token_weighted_over_all_sequences():
     model = tiny_model()
     seqs = torch.randint(0, 50, (7, 9))  # 7 sequences: the last micro-batch of 3 holds one
-    loss, tokens = evaluate_loss(model, seqs, micro_batch_size=3, rank=0, world_size=1, device=torch.device("cpu"))
+    loss, tokens = evaluate_loss(model, seqs, micro_batch_size=3, device=torch.device("cpu"))
     with torch.no_grad():
         want = F.cross_entropy(model(seqs[:, :-1]).flatten(0, 1), seqs[:, 1:].flatten())
     assert tokens == 7 * 8
@@ -39,14 +39,14 @@ def test_perplexity_is_token_weighted_over_all_sequences():
     assert math.isfinite(math.exp(loss))
 
 
-def test_rank_slices_cover_every_sequence_once():
+def test_rank_shares_are_token_weighted_together():
     model = tiny_model()
     seqs = torch.randint(0, 50, (5, 9))
-    parts = [evaluate_loss(model, seqs, 2, rank, 2, torch.device("cpu")) for rank in (0, 1)]
+    parts = [evaluate_loss(model, share, 2, torch.device("cpu")) for share in (seqs[:3], seqs[3:])]
     # without a process group each rank reports its own share; together they are the whole
     total = sum(loss * n for loss, n in parts) / sum(n for _, n in parts)
     assert sum(n for _, n in parts) == 5 * 8
-    assert total == pytest.approx(evaluate_loss(model, seqs, 2, 0, 1, torch.device("cpu"))[0], rel=1e-6)
+    assert total == pytest.approx(evaluate_loss(model, seqs, 2, torch.device("cpu"))[0], rel=1e-6)
 
 
 def test_keep_last_and_unfinished_saves_are_ignored(tmp_path):

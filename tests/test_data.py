@@ -340,7 +340,7 @@ def test_state_from_another_configuration_is_refused(tmp_path):
 def test_validation_is_the_first_tokens_in_order_and_deterministic(tmp_path):
     texts = make_corpus(tmp_path, [6, 6], prefix="c4-validation")
     make_corpus(tmp_path, [3], prefix="c4-train")
-    cfg = DataConfig(local_dir=str(tmp_path), seq_len=10, shuffle_buffer=100, encode_batch=4)
+    cfg = DataConfig(local_dir=str(tmp_path), seq_len=10, shuffle_buffer=100, encode_batch=4, validation_pieces=1)
     v = validation_batches(cfg, WordTokenizer(), 95)
     assert v.shape == (9, 11) and v.dtype == torch.int64
     expected = token_stream(texts)

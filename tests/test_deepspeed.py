@@ -112,7 +112,7 @@ def _restart_worker(rank: int, overrides: list[str], port: int, out_file: str) -
     cfg = load_config(None, overrides)
     trainer, _ = build_trainer(cfg, init_distributed(cfg.parallel))
     engine = trainer.engine
-    probe = trainer.validation[:2].to(trainer.dist.device)
+    probe = trainer.validation.sequences[:2].to(trainer.dist.device)
     deepspeed = cfg.parallel.engine == "deepspeed"
     result = {"losses": [], "restarts": []}
 
@@ -123,7 +123,7 @@ def _restart_worker(rank: int, overrides: list[str], port: int, out_file: str) -
 
     while trainer.step < cfg.steps:
         trainer.set_lr()
-        result["losses"].append(trainer.train_step()[0])
+        result["losses"] += trainer.mean_losses([trainer.train_step()[0]])
         trainer.step += 1
         if not trainer.restarts.due(trainer.step):
             continue

@@ -58,8 +58,9 @@ class Engine(ABC):
         steps and synchronised across ranks only after the last micro-batch."""
 
     @abstractmethod
-    def step(self) -> float:
-        """Clip to optim.grad_clip, take the optimizer step, clear gradients; return the global grad norm."""
+    def step(self) -> torch.Tensor:
+        """Clip to optim.grad_clip, take the optimizer step, clear gradients; return the global grad
+        norm as a 0-d tensor, without waiting for the device (the Trainer reads it on log steps)."""
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -157,10 +157,10 @@ class DeepSpeedEngine(Engine):
         if not last_micro_batch:
             self.model.step()  # bookkeeping only: DeepSpeed steps the optimizer at the boundary
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         self.model.step()  # clip (gradient_clipping), optimizer step, zero grad
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.model.get_global_grad_norm()  # a tensor, or a float where DeepSpeed read it itself
+        return torch.as_tensor(float("nan") if norm is None else norm).detach()
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {**super().checkpoint_info(), "zero_stage": self.cfg.parallel.zero_stage}

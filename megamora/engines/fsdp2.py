@@ -94,7 +94,7 @@ class FSDP2Engine(Engine):
                 self.module.set_requires_all_reduce(last_micro_batch)
         (loss / self.accum).backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         grad_norm = clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,15 +293,16 @@ def _dcp_load(state: dict, path: Path) -> None:
         raise ValueError(f"{path}: cannot load ({error_cause(first)})") from None
 
 
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global grad norm over (possibly sharded) parameters; clips in place when max_norm > 0."""
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global grad norm over (possibly sharded) parameters, a 0-d tensor on the device; clips in place
+    when max_norm > 0 with the scale computed on the device (the host never waits for backward)."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(total, DTensor):  # reduce the per-shard norms into the global one
         total = total.full_tensor()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total.item()
+    return total
 
 
 class DTensorAccess:
