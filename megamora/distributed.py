@@ -3,6 +3,7 @@ here, once, at start-up. How the model is sharded is the engine's (megamora.engi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -55,6 +56,22 @@ def set_fp32_matmul_precision(precision: str, device: torch.device) -> str:
         return "highest"
     torch.set_float32_matmul_precision(precision)
     return precision
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """fp32 matmuls in true fp32 inside (also as a decorator), whatever parallel.fp32_matmul_precision
+    set: an adapter's dW must be exact for a merge to compute the forward's function, and TF32 would
+    round M, A and B to 10 mantissa bits. A no-op where nothing was set (CPU runs)."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def cpus_per_rank() -> int:

@@ -151,3 +151,32 @@ def test_a_users_rayon_setting_is_kept(monkeypatch):
 def test_bad_thread_count():
     with pytest.raises(ValueError, match="num_threads=0 must be positive"):
         load_tokenizer(str(T5 / "spiece.model"), num_threads=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Merges stay exact under TF32
+
+
+@pytest.fixture
+def tf32_matmuls():
+    """The global setting a CUDA run gets from parallel.fp32_matmul_precision=high (the default)."""
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_adapter_dw_is_computed_in_true_fp32(monkeypatch, tf32_matmuls):
+    """A merge (ReLoRA / ReMoRA restart, merge_checkpoint) must fold the exact dW: inside
+    delta_weight fp32 matmuls run at "highest", and the run's setting comes back afterwards."""
+    from megamora.adapters import lora as lora_module
+    from megamora.adapters import LoRALinear, MoRALinear
+
+    seen = []
+    real_full, real_eye = lora_module.full_tensor, torch.eye
+    monkeypatch.setattr(lora_module, "full_tensor",
+                        lambda t: seen.append(torch.get_float32_matmul_precision()) or real_full(t))
+    monkeypatch.setattr(torch, "eye", lambda *a, **kw: seen.append(torch.get_float32_matmul_precision()) or real_eye(*a, **kw))
+    LoRALinear(torch.nn.Linear(16, 8, bias=False), r=2, alpha=4).delta_weight()
+    MoRALinear(torch.nn.Linear(16, 8, bias=False), r=2).delta_weight()
+    assert seen and set(seen) == {"highest"}
+    assert torch.get_float32_matmul_precision() == "high"

@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 from megamora.adapters.base import AdapterLinear
+from megamora.distributed import exact_fp32_matmuls
 from megamora.engines.tensors import add_full_, full_tensor, seeded_fill_, set_full_
 from megamora.model import InitFn, kaiming_uniform_init, zeros_init
 
@@ -40,6 +41,7 @@ class LoRALinear(AdapterLinear):
         return out.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
+    @exact_fp32_matmuls()
     def delta_weight(self) -> torch.Tensor:
         """(out, in) fp32: scale * B A. With sharded factors every rank must call this (a gather)."""
         return (full_tensor(self.lora_B).float() @ full_tensor(self.lora_A).float()) * self.scale

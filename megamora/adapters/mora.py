@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from megamora.adapters.base import AdapterLinear
+from megamora.distributed import exact_fp32_matmuls
 from megamora.engines.tensors import add_full_, full_tensor, set_full_
 from megamora.model import InitFn, zeros_init
 
@@ -543,6 +544,7 @@ class MoRALinear(AdapterLinear):
         return y.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
+    @exact_fp32_matmuls()
     def delta_weight(self) -> torch.Tensor:
         """The exact (out, in) fp32 dW of the current adapter: the adapter path applied to the
         identity (the forward's own operators, so a merge is exact by construction; cost about
