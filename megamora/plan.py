@@ -140,6 +140,7 @@ class Plan:
     total_tokens: int
     params: ParamCounts
     flops_per_token: float
+    flops: StepFlops  # flops_per_token by where it goes
     total_flops: float
     param_dtype: str
     memory: MemoryEstimate
@@ -408,7 +409,8 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
     mode = engine_mode(cfg.parallel.engine, cfg.parallel.zero_stage, distributed)
     counts = count_params(cfg)
     tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
-    fpt = flops_per_token(cfg)
+    flops = step_flops(cfg)
+    fpt = flops.total
     return Plan(
         mode=mode,
         engine=ENGINE_NAMES[mode],
@@ -423,6 +425,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
         total_tokens=cfg.steps * tokens_per_step,
         params=counts,
         flops_per_token=fpt,
+        flops=flops,
         total_flops=fpt * cfg.steps * tokens_per_step,
         param_dtype=cfg.parallel.param_dtype,
         memory=estimate_memory(counts, cfg, mode, world_size, accum),
@@ -467,7 +470,8 @@ def format_plan(plan: Plan) -> str:
         f" ({pc.trainable / pc.total:.1%})",
         f"{'adapter parameters':<26}{_count(pc.adapter)} ({pc.adapter_kind})",
         *(_adapter_line(m) for m in pc.modules),
-        f"{'FLOPs per token':<26}{plan.flops_per_token:.4g}",
+        f"{'FLOPs per token':<26}{plan.flops_per_token:.4g}  (linear layers and head {plan.flops.base:.4g}, adapters "
+        f"{plan.flops.adapters:.4g}, attention {plan.flops.attention:.4g}; what MFU counts)",
         f"{'training FLOPs':<26}{plan.total_flops:.4g}",
         f"memory per rank (estimate, {plan.param_dtype} compute, activation checkpointing {ckpt}):",
         f"  {'parameters':<24}{_gib(mem.params)}"

@@ -18,7 +18,7 @@ from megamora.adapters import apply_adapters
 from megamora.config import load_config
 from megamora.metrics import PEAK_BF16_FLOPS, peak_flops
 from megamora.model import build_model, materialize
-from megamora.plan import flops_per_token, make_plan, step_flops
+from megamora.plan import flops_per_token, format_plan, make_plan, step_flops
 
 aten = torch.ops.aten
 SDPA_FORWARD = aten._scaled_dot_product_flash_attention_for_cpu
@@ -111,7 +111,9 @@ def test_the_plan_and_the_trainer_use_the_same_count():
     cfg = tiny("adapter.kind=mora", "adapter.r=4", "global_batch_size=4", "micro_batch_size=4", "steps=3")
     plan = make_plan(cfg)
     assert plan.flops_per_token == flops_per_token(cfg) == step_flops(cfg).total
+    assert plan.flops == step_flops(cfg) and plan.flops.adapters > 0
     assert plan.total_flops == plan.flops_per_token * plan.total_tokens
+    assert f"adapters {plan.flops.adapters:.4g}" in format_plan(plan)
 
 
 # ---------------------------------------------------------------------------------------------
