@@ -520,18 +520,32 @@ def _sbatch(args: list[str]) -> str:
     return match.group(1) or match.group(2)
 
 
+def job_shape(plan: Plan, nproc_per_node: int | None) -> list[str]:
+    """sbatch options the runs' own settings imply; the user's --sbatch-args come after them and win.
+    One node is launch/slurm.sbatch's default. GPUs: none for parallel.device=cpu, one per process
+    where --nproc-per-node says how many, else the script's default (8 per node)."""
+    shape = [f"--export=ALL,NPROC_PER_NODE={nproc_per_node}"] if nproc_per_node is not None else []
+    if all(run.config.parallel.device == "cpu" for run in plan.runs):
+        shape.append("--gpus-per-node=0")
+    elif nproc_per_node is not None:
+        shape.append(f"--gpus-per-node={nproc_per_node}")
+    return shape
+
+
 def submit_slurm(plan: Plan, todo: Sequence[RunSpec], report_argv: list[str], sbatch_args: Sequence[str] = (),
                  stream: TextIO = sys.stdout, nproc_per_node: int | None = None) -> dict[str, str]:
     """One job per run through launch/slurm.sbatch (warm starts first, method runs with
     --dependency=afterok on theirs), then a report job after all of them. Returns name -> job id.
-    nproc_per_node None: the script's default (one process per GPU of the node)."""
+    nproc_per_node None: the script's default (one process per GPU of the node). A chain that SLURM
+    holds for a reason that never clears (one node asked too many of) is cancelled: ReproduceError."""
     ids: dict[str, str] = {}
-    if nproc_per_node is not None:
-        sbatch_args = [f"--export=ALL,NPROC_PER_NODE={nproc_per_node}", *sbatch_args]
+    sbatch_args = [*job_shape(plan, nproc_per_node), *sbatch_args]
     tag = f"mm-{plan.out.name}"
     for run in sorted(todo, key=lambda r: r.method != WARM_START):  # warm starts get their ids first
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        dep = [f"--dependency=afterok:{ids[run.warm_start]}"] if run.warm_start in ids else []
+        # A failed warm start cancels the runs after it, rather than leaving them pending for ever.
+        dep = [f"--dependency=afterok:{ids[run.warm_start]}", "--kill-on-invalid-dep=yes"] \
+            if run.warm_start in ids else []
         args = [f"--job-name={tag}-{run.name}", f"--output={run.log}", f"--chdir={REPO}", *dep, *sbatch_args,
                 str(SBATCH), *map(str, run.files), *run.overrides]
         try:
@@ -541,11 +555,57 @@ def submit_slurm(plan: Plan, todo: Sequence[RunSpec], report_argv: list[str], sb
             raise ReproduceError(f"{run.name}: {e} (submitted before it: {done})") from None
         print(f"submitted {run.name}: job {ids[run.name]}" + (f" (after {dep[0].split(':')[-1]})" if dep else ""),
               file=stream)
-    dep = [f"--dependency=afterok:{':'.join(ids.values())}"] if ids else []
+    dep = [f"--dependency=afterok:{':'.join(ids.values())}", "--kill-on-invalid-dep=yes"] if ids else []
     ids["report"] = _sbatch([f"--job-name={tag}-report", f"--output={plan.out / 'report.log'}", f"--chdir={REPO}",
                              "--nodes=1", "--ntasks=1", *dep, "--wrap", shlex.join(report_argv)])
     print(f"submitted report: job {ids['report']}" + (" (after all runs)" if dep else ""), file=stream)
+    held = held_job(list(ids.values()))
+    if held:
+        job, reason = held
+        name = next(n for n, i in ids.items() if i == job)
+        subprocess.run(["scancel", *ids.values()], capture_output=True)
+        raise ReproduceError(f"job {job} ({name}) would wait for ever: SLURM holds it for {reason} "
+                             f"({NEVER_CLEARS[reason.split(',')[0]]}); cancelled jobs {' '.join(ids.values())}")
     return ids
+
+
+# Reasons (squeue %r) SLURM holds a pending job for that waiting does not clear.
+NEVER_CLEARS = {
+    "PartitionNodeLimit": "more nodes than its partition has: --nodes in --sbatch-args",
+    "PartitionTimeLimit": "more time than its partition allows: --time in --sbatch-args",
+    "PartitionConfig": "more than a node of its partition has: nodes, GPUs, CPUs or memory",
+    "ReqNodeNotAvail": "a node it asks for is not available",
+    "BadConstraints": "constraints no node meets",
+    "InvalidAccount": "an account it may not use",
+    "InvalidQOS": "a QOS it may not use",
+    "DependencyNeverSatisfied": "a job it waits for failed",
+}
+
+
+def held_job(job_ids: Sequence[str], polls: int = 6, every_s: float = 0.5) -> Optional[tuple[str, str]]:
+    """(job id, reason) of a job SLURM holds for a NEVER_CLEARS reason, or None. The scheduler
+    refines a new job's reason in its first second ("None", then e.g. PartitionConfig, then
+    PartitionNodeLimit): a reason counts once two polls in a row agree. None too where squeue does
+    not answer (it cannot tell)."""
+    previous: set[tuple[str, str]] = set()
+    for _ in range(polls):
+        time.sleep(every_s)
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"],
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode != 0:
+            return None
+        rows = [line.split("|", 2) for line in proc.stdout.splitlines() if line.count("|") >= 2]
+        held = {(job, reason) for job, state, reason in rows
+                if state == "PENDING" and reason.split(",")[0] in NEVER_CLEARS}
+        if held & previous:
+            return min(held & previous, key=lambda jr: (len(jr[0]), jr[0]))  # the first submitted
+        if not held and not any(state == "PENDING" and reason == "None" for _, state, reason in rows):
+            return None  # every job running, finished, or pending for a reason that clears
+        previous = held
+    return None
 
 
 # --------------------------------------------------------------------------- the report

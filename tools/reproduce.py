@@ -12,7 +12,8 @@ starts: DIR/runs/warmstart-seed<S>), each a `launch/pretrain.py` process with it
 train.log. Running the command again skips finished runs and resumes interrupted ones; the same DIR
 may take more seeds or methods of the same recipe, never another recipe or other settings.
 key=value words are overrides for every run. Exit codes: 0 done (slurm: submitted), 1 a run failed,
-2 bad input (nothing run), 75 stopped by a signal (run the same command again to resume)."""
+2 bad input (nothing run; slurm: also a chain SLURM would hold for ever, e.g. more nodes than the
+partition has, which is cancelled), 75 stopped by a signal (run the same command again to resume)."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="processes per node of each run (torchrun: default 1; slurm: default one per GPU)")
     parser.add_argument("--sbatch-args", default="", metavar="'ARGS'",
                         help="slurm: extra sbatch options for the run jobs, e.g. '--nodes 4 --partition gpu' "
-                             "(one option alone: --sbatch-args=--exclusive)")
+                             "(one option alone: --sbatch-args=--exclusive); they win over what the runs imply: "
+                             "one node, one GPU per --nproc-per-node process, none for parallel.device=cpu")
     parser.add_argument("--report-only", action="store_true", help="write the report from DIR's finished runs")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the runs' commands, run none")
     parser.add_argument("--threshold", type=float, default=0.1, help="Figure 5 singular value threshold (0.1)")
