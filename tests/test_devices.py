@@ -180,3 +180,27 @@ def test_adapter_dw_is_computed_in_true_fp32(monkeypatch, tf32_matmuls):
     MoRALinear(torch.nn.Linear(16, 8, bias=False), r=2).delta_weight()
     assert seen and set(seen) == {"highest"}
     assert torch.get_float32_matmul_precision() == "high"
+
+
+def test_deepspeed_is_told_the_gpu_the_run_picked(monkeypatch, fake_cuda):
+    """srun --gpus-per-task=1: LOCAL_RANK is 3 but the task's only GPU is cuda:0; DeepSpeed, left to
+    itself, would call set_device(LOCAL_RANK)."""
+    from types import SimpleNamespace
+
+    from megamora.config import TrainConfig
+    from megamora.distributed import DistInfo
+    from megamora.engines import deepspeed as ds_engine
+
+    fake_cuda(1)
+    seen = {}
+
+    def initialize(args=None, model=None, optimizer=None, config=None, dist_init_required=None):
+        seen["args"] = args
+        return SimpleNamespace(module=model), optimizer, None, None
+
+    monkeypatch.setattr(ds_engine, "require_deepspeed", lambda: SimpleNamespace(initialize=initialize))
+    cfg = TrainConfig(run_dir="x", parallel=ParallelConfig(engine="deepspeed"))
+    engine = ds_engine.DeepSpeedEngine(cfg, DistInfo(3, 4, 3, pick_device("auto", 3)))
+    engine.setup(torch.nn.Linear(2, 2), None)
+    assert seen["args"].device_rank == 0
+    assert ds_engine.device_args(torch.device("cpu")) is None  # CPU runs: DeepSpeed's own choice, as before

@@ -29,6 +29,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -119,6 +120,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return _merge(generated, read_override_file(cfg.parallel.deepspeed_config))
 
 
+def device_args(device: torch.device) -> SimpleNamespace | None:
+    """DeepSpeed puts itself on cuda:LOCAL_RANK unless `args.device_rank` says otherwise: give it the
+    GPU the run picked (megamora.distributed.pick_device), which differs where each task sees one GPU."""
+    return SimpleNamespace(device_rank=device.index) if device.type == "cuda" else None
+
+
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -144,7 +151,8 @@ class DeepSpeedEngine(Engine):
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         deepspeed = require_deepspeed()
         self.config = deepspeed_config(self.cfg, self.dist.world_size)
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+        self.model, self.optimizer, _, _ = deepspeed.initialize(args=device_args(self.dist.device), model=model,
+                                                                optimizer=optimizer, config=self.config,
                                                                 dist_init_required=False)
         self.module = self.model.module
 
