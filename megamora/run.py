@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -96,7 +96,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over the global batch. Returns this rank's sum of its micro-batches' mean
         losses and the global grad norm, both 0-d tensors on the device: nothing here waits for the
-        device (mean_losses reads them)."""
+        device (log_step reads them)."""
         loss_sum = 0.0
         for a in range(self.accum):
             batch = self.loader.next_batch(self.stream_id(a)).to(self.dist.device, non_blocking=True)
@@ -108,7 +108,8 @@ class Trainer:
         return loss_sum, self.engine.step()
 
     def mean_losses(self, loss_sums: list[torch.Tensor]) -> list[float]:
-        """The global mean loss of steps from train_step's loss sums (a collective)."""
+        """The global mean loss of steps from train_step's loss sums (a collective; log_step reads them
+        with the other logged values in one)."""
         totals = all_reduce_sum(torch.stack(loss_sums), self.dist.device)
         return [total / (self.accum * self.dist.world_size) for total in totals]  # divided on the host
 

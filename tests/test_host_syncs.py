@@ -70,6 +70,32 @@ def test_no_host_sync_between_log_steps(shared_data, tmp_path, monkeypatch):
     assert any(step == 4 for step, _, _ in recorder.reads)  # the recorder sees the log step's read
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (part of the GPU check)")
+def test_no_cuda_sync_between_log_steps(shared_data, tmp_path, monkeypatch):
+    """The same on CUDA, by CUDA itself: synchronising calls raise from the start of a step to the
+    end of the next log step's train_step (then the log step reads, synchronised by design)."""
+    from megamora.run import pretrain
+    from megamora.train import Trainer
+
+    log_every, steps = 4, 8
+    train_step = Trainer.train_step
+
+    def guarded_train_step(trainer):
+        torch.cuda.set_sync_debug_mode("error")
+        out = train_step(trainer)
+        if (trainer.step + 1) % log_every == 0 or trainer.step + 1 == steps:
+            torch.cuda.set_sync_debug_mode("default")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", guarded_train_step)
+    cfg = load_config(None, tiny_overrides(shared_data, tmp_path / "run", f"steps={steps}", "parallel.device=cuda",
+                                           f"logging.log_every={log_every}", "eval_every=0", "save_every=0"))
+    try:
+        assert len(pretrain(cfg).losses) == steps
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 class CountingStop:
     """A StopSignals stand-in: records the steps at which the Trainer asks."""
 
