@@ -40,7 +40,8 @@ start_munge() {
   running /run/munge/munged.pid || su -s /bin/sh munge -c /usr/sbin/munged
 }
 
-write_conf() {  # prints "changed" when the file is new or different
+CONF_CHANGED=0
+write_conf() {  # sets CONF_CHANGED=1 when the file is new or different
   local node new
   node=$(slurmd -C | head -n 1)  # NodeName=<host> CPUs=.. Boards=.. SocketsPerBoard=.. CoresPerSocket=.. ...
   new=$(cat <<CONF
@@ -69,7 +70,7 @@ CONF
   mkdir -p /etc/slurm /var/spool/slurmd /var/spool/slurmctld /var/log/slurm
   if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$new" ]; then
     printf '%s\n' "$new" > "$CONF"
-    echo changed
+    CONF_CHANGED=1
   fi
 }
 
@@ -92,8 +93,9 @@ if [ "${1:-}" = stop ]; then stop /run/slurmd.pid /run/slurmctld.pid /run/munge/
 [ "$(id -u)" = 0 ] || { echo "error: $0 must run as root (it installs packages and starts daemons)" >&2; exit 1; }
 install
 start_munge
+write_conf
 # The daemons read slurm.conf when they start: a new one restarts them.
-[ "$(write_conf)" = changed ] && stop /run/slurmd.pid /run/slurmctld.pid
+[ "$CONF_CHANGED" = 0 ] || stop /run/slurmd.pid /run/slurmctld.pid
 running /run/slurmctld.pid || slurmctld
 wait_for 20 controller_up || { echo "error: slurmctld did not start: see /var/log/slurm/slurmctld.log" >&2; exit 1; }
 running /run/slurmd.pid || slurmd

@@ -43,9 +43,11 @@ def cluster_problem() -> str | None:
     if shutil.which("sbatch") is None:
         return "no sbatch on PATH (as root, .ci/local-slurm.sh brings up a one-node cluster)"
     try:
+        if " is UP" not in run("scontrol", "ping", timeout=20).stdout:  # at once, where sinfo retries for 9 s
+            return "slurmctld is not up (scontrol ping; as root, .ci/local-slurm.sh starts a one-node cluster)"
         proc = run("sinfo", "-h", "-o", "%t", timeout=20)
     except subprocess.TimeoutExpired:
-        return "sinfo did not answer in 20 s"
+        return "scontrol ping or sinfo did not answer in 20 s"
     if proc.returncode != 0:
         return f"sinfo failed: {(proc.stderr.strip() or 'no output').splitlines()[0]}"
     if not {"idle", "mix", "alloc", "comp"} & set(proc.stdout.split()):
