@@ -271,6 +271,7 @@ echo "Submitted batch job $n"
     assert "--dependency" not in jobs[0] and "launch/slurm.sbatch" in jobs[0] and "steps=2" in jobs[0]
     assert "--partition gpu --nodes 2" in jobs[0]
     assert all("--export=ALL,NPROC_PER_NODE=4" in line for line in jobs[:6])  # read by launch/slurm.sbatch
+    assert all("--gpus-per-node=4 " in line for line in jobs[:6])  # a GPU per process, not the script's 8
     for line, dep in zip(jobs[2:6], ("101", "101", "102", "102")):
         assert f"--dependency=afterok:{dep} " in line
         assert f"warm_start={out / 'runs' / 'warmstart-seed'}{0 if dep == '101' else 1}" in line
