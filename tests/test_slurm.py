@@ -156,8 +156,9 @@ def test_script_gives_the_step_the_jobs_cpus_threads_and_a_port_of_its_own(slurm
         pytest.skip("the node has one CPU: the step's share cannot differ from the job's")
     bin_dir, seen, log = tmp_path / "bin", tmp_path / "seen", tmp_path / "job.log"
     bin_dir.mkdir()
-    # nproc: the CPUs the process may run on (it would give OMP_NUM_THREADS if that were set).
-    (bin_dir / "torchrun").write_text(f'#!/bin/sh\necho "$(env -u OMP_NUM_THREADS nproc) $OMP_NUM_THREADS $*" > {seen}\n')
+    # nproc: the CPUs the process may run on (it would say OMP_NUM_THREADS if that were set).
+    report = '"$(env -u OMP_NUM_THREADS nproc) $OMP_NUM_THREADS $*"'
+    (bin_dir / "torchrun").write_text(f"#!/bin/sh\necho {report} > {seen}\n")
     (bin_dir / "torchrun").chmod(0o755)
     job = sbatch({**slurm, "PATH": f"{bin_dir}{os.pathsep}{slurm['PATH']}", "SLURM_EXACT": "1"}, "--wait",
                  "--nodes=1", f"--cpus-per-task={cpus}", "--gpus-per-node=0", "--time=2", f"--output={log}",
@@ -209,7 +210,7 @@ def test_reproduce_chain_runs_on_one_node_by_default_and_logs_end_cleanly(slurm,
     ids = dict(re.findall(r"^submitted (\S+): job (\d+)", proc.stdout, re.M))
     assert list(ids) == ["warmstart-seed0", "lora-seed0", "mora-seed0", "report"], proc.stdout
     try:
-        wait_for("the chain to finish", lambda: all(ended(j) for j in ids.values()), 240, out / "report.log")
+        wait_for("the chain to finish", lambda: all(ended(j) for j in ids.values()), 420, out / "report.log")
     finally:
         run("scancel", *ids.values())
     for name, job in ids.items():
