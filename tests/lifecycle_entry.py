@@ -5,6 +5,8 @@
         every rank) after writing part of a file: a DCP shard (inside DCP, as a full disk would), or
         with `data`, the rank's data-state file (outside DCP: only the trainer's own collective tells
         the other ranks)
+    MEGAMORA_TEST_RANK_DIR=DIR      each rank writes DIR/rank<R>.pid at start and DIR/rank<R>.rc (its
+        exit code) at the end: what torchrun's own exit code (1 for any failure) does not say
 """
 
 import contextlib
@@ -64,7 +66,14 @@ def disk_full_at(step: int, rank: int | None, where: str) -> None:
         FileSystem.create_stream = failing_shard
 
 
+def rank_file(suffix: str) -> Path | None:
+    folder = os.environ.get("MEGAMORA_TEST_RANK_DIR")
+    return Path(folder, f"rank{os.environ.get('RANK', 0)}.{suffix}") if folder else None
+
+
 if __name__ == "__main__":
+    if pid_file := rank_file("pid"):
+        pid_file.write_text(str(os.getpid()))
     if os.environ.get("MEGAMORA_TEST_STEP_SLEEP"):
         slow_steps(float(os.environ["MEGAMORA_TEST_STEP_SLEEP"]))
     if os.environ.get("MEGAMORA_TEST_ENOSPC"):
@@ -74,4 +83,7 @@ if __name__ == "__main__":
 
     from megamora.distributed import exit_process
 
-    exit_process(main())
+    rc = main()
+    if rc_file := rank_file("rc"):
+        rc_file.write_text(str(rc))
+    exit_process(rc)

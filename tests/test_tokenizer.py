@@ -17,32 +17,24 @@ import pytest
 from megamora.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 
-def shared_data() -> Path:
-    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    root = Path(os.environ.get("MEGAMORA_SHARED_DATA") or default)
-    if not (root / "tokenizers").is_dir():
-        pytest.fail(f"real test data not found at {root}; set MEGAMORA_SHARED_DATA")
-    return root
-
-
 @pytest.fixture(scope="module")
-def t5_dir() -> Path:
-    return shared_data() / "tokenizers" / "t5-base"
+def t5_dir(shared_data) -> Path:
+    return shared_data / "tokenizers" / "t5-base"
 
 
-def c4_texts() -> list[str]:
+def c4_texts(shared_data: Path) -> list[str]:
     texts = []
-    for path in sorted((shared_data() / "c4-sample" / "en").glob("*.json.gz")):
+    for path in sorted((shared_data / "c4-sample" / "en").glob("*.json.gz")):
         with gzip.open(path, "rt", encoding="utf-8") as f:
             texts += [json.loads(line)["text"] for line in f]
     return texts
 
 
-def test_spiece_and_tokenizer_json_agree_on_real_c4(t5_dir):
+def test_spiece_and_tokenizer_json_agree_on_real_c4(t5_dir, shared_data):
     sp = load_tokenizer(str(t5_dir / "spiece.model"))
     hf = load_tokenizer(str(t5_dir / "tokenizer.json"))
     assert isinstance(sp, SentencePieceTokenizer) and isinstance(hf, HFTokenizer)
-    texts = c4_texts()
+    texts = c4_texts(shared_data)
     assert len(texts) == 2000
     a, b = sp.encode_batch(texts), hf.encode_batch(texts)
     assert sum(map(len, a)) > 900_000

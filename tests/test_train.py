@@ -2,8 +2,11 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,8 @@ from megamora.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = str(REPO / "launch" / "pretrain.py")
+# A guard against a hung run, not a speed limit: tiny runs take seconds alone and minutes on a busy machine.
+LAUNCH_TIMEOUT_S = 900
 
 
 def tiny_overrides(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -30,16 +35,63 @@ def tiny_overrides(shared_data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def launch(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+def command(args: list[str], nproc: int = 1) -> list[str]:
     if nproc == 1:
-        cmd = [sys.executable, ENTRY, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", ENTRY, *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        return [sys.executable, ENTRY, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", ENTRY, *args]
+
+
+def launch_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _failed(cmd: list[str], proc: subprocess.CompletedProcess) -> AssertionError:
+    return AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def launch(args: list[str], nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = command(args, nproc)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise _failed(cmd, proc)
     return proc
+
+
+def launch_together(*runs: tuple[list[str], int], check: bool = True,
+                    timeout: float = LAUNCH_TIMEOUT_S) -> list[subprocess.CompletedProcess]:
+    """Several (args, nproc) runs started at once (independent run directories); with `check`, the
+    first one that fails kills the others and fails the caller."""
+    cmds = [command(args, nproc) for args, nproc in runs]
+    logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in cmds]
+    procs = [subprocess.Popen(cmd, env=launch_env(), stdout=out, stderr=err, text=True, start_new_session=True)
+             for cmd, (out, err) in zip(cmds, logs)]
+
+    def completed(i: int) -> subprocess.CompletedProcess:
+        out, err = logs[i]
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmds[i], procs[i].returncode, out.read(), err.read())
+
+    deadline = time.monotonic() + timeout
+    try:
+        while any(proc.poll() is None for proc in procs):
+            for i, proc in enumerate(procs):
+                if check and proc.returncode not in (None, 0):
+                    raise _failed(cmds[i], completed(i))
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{cmds} still running after {timeout} s")
+            time.sleep(0.1)
+        done = [completed(i) for i in range(len(procs))]
+        for cmd, proc in zip(cmds, done):
+            if check and proc.returncode != 0:
+                raise _failed(cmd, proc)
+        return done
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+                proc.wait()
+        for out, err in logs:
+            out.close(), err.close()
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -58,6 +110,21 @@ def crash_after_first_checkpoint(run_dir: Path) -> None:
         shutil.rmtree(ckpt)
 
 
+def killed_copy(run_dir: Path, dst: Path) -> Path:
+    """A copy of a finished run as a job killed after its first checkpoint leaves it (the run is
+    deterministic: the copy is what a second identical run would have written)."""
+    shutil.copytree(run_dir, dst)
+    crash_after_first_checkpoint(dst)
+    return dst
+
+
+def last_pass(run_dir: Path) -> tuple[dict, list[int]]:
+    """The last setup record of an append-only metrics.jsonl and the steps trained after it."""
+    records = read_metrics(run_dir)
+    start = max(i for i, r in enumerate(records) if r["kind"] == "setup")
+    return records[start], [r["step"] for r in records[start:] if r["kind"] == "train"]
+
+
 RESUME_CASES = {
     "full": [],
     "mora-dropout": ["adapter.kind=mora", "adapter.r=4", "adapter.dropout=0.1"],
@@ -73,8 +140,7 @@ RESUME_CASES = {
 def test_resume_is_bitwise_identical(shared_data, tmp_path, adapter):
     full = run_in_process(tiny_overrides(shared_data, tmp_path / "a", *adapter))
     assert len(full.losses) == 6
-    run_in_process(tiny_overrides(shared_data, tmp_path / "b", *adapter))
-    crash_after_first_checkpoint(tmp_path / "b")
+    killed_copy(tmp_path / "a", tmp_path / "b")
     resumed = run_in_process(tiny_overrides(shared_data, tmp_path / "b", *adapter))
     assert resumed.resumed_from.name == "step_00000003"
     assert resumed.losses == full.losses[3:]  # bitwise: same data position, weights, optimizer, RNG
@@ -89,10 +155,9 @@ PARITY_CASES = {
 
 
 @pytest.mark.parametrize("extra", PARITY_CASES.values(), ids=PARITY_CASES.keys())
-def test_two_ranks_match_one_process_and_resume_on_one(shared_data, tmp_path, extra):
+def test_two_ranks_match_one_process_and_resume_across(shared_data, tmp_path, extra):
     single, double = tmp_path / "single", tmp_path / "double"
-    launch(tiny_overrides(shared_data, single, *extra))
-    launch(tiny_overrides(shared_data, double, *extra), nproc=2)
+    launch_together((tiny_overrides(shared_data, single, *extra), 1), (tiny_overrides(shared_data, double, *extra), 2))
     one, two = losses(single), losses(double)
     assert sorted(one) == sorted(two) == list(range(1, 7))
     for step in one:
@@ -101,24 +166,30 @@ def test_two_ranks_match_one_process_and_resume_on_one(shared_data, tmp_path, ex
     assert setup["world_size"] == 2 and setup["grad_accum"] == 1
     assert read_metrics(single, "setup")[0]["grad_accum"] == 2
 
-    # a checkpoint written by 2 ranks resumes on 1 process and continues the same trajectory
-    crash_after_first_checkpoint(double)
-    proc = launch(tiny_overrides(shared_data, double, *extra))
-    assert "run directory" in proc.stdout
-    resumed = losses(double)
-    for step in (4, 5, 6):
-        assert resumed[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
-    evals = read_metrics(double, "eval")
-    assert evals[-1]["perplexity"] == pytest.approx(read_metrics(single, "eval")[-1]["perplexity"], rel=1e-5)
+    # a checkpoint written by 2 ranks resumes on 1 process, one written by 1 process on 2 ranks, and
+    # both continue the same trajectory from step 4
+    two_to_one, one_to_two = killed_copy(double, tmp_path / "2to1"), killed_copy(single, tmp_path / "1to2")
+    launch_together((tiny_overrides(shared_data, two_to_one, *extra), 1),
+                    (tiny_overrides(shared_data, one_to_two, *extra), 2))
+    for run_dir, world_size in ((two_to_one, 1), (one_to_two, 2)):
+        setup, trained = last_pass(run_dir)
+        assert setup["resumed_from"] == str(run_dir / "checkpoints" / "step_00000003"), run_dir.name
+        assert setup["world_size"] == world_size and trained == [4, 5, 6], run_dir.name
+        resumed = losses(run_dir)
+        for step in (4, 5, 6):
+            assert resumed[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (run_dir.name, step)
+        evals = read_metrics(run_dir, "eval")
+        assert evals[-1]["perplexity"] == pytest.approx(read_metrics(single, "eval")[-1]["perplexity"], rel=1e-5)
 
 
 def test_bad_key_value_or_data_path_fails_cleanly(shared_data, tmp_path):
     run_dir = tmp_path / "run"
-    for bad, needle in [(["model.dimm=3"], "model.dimm"), (["optim.lr=fast"], "optim.lr"),
-                        ([f"data.local_dir={tmp_path}/nowhere"], "nowhere"),
-                        (["data.tokenizer=/no/such/spiece.model"], "spiece.model")]:
-        proc = launch(tiny_overrides(shared_data, run_dir, *bad), check=False)
-        assert proc.returncode == 2, proc.stderr
+    cases = [(["model.dimm=3"], "model.dimm"), (["optim.lr=fast"], "optim.lr"),
+             ([f"data.local_dir={tmp_path}/nowhere"], "nowhere"),
+             (["data.tokenizer=/no/such/spiece.model"], "spiece.model")]
+    procs = launch_together(*[(tiny_overrides(shared_data, run_dir, *bad), 1) for bad, _ in cases], check=False)
+    for (bad, needle), proc in zip(cases, procs):
+        assert proc.returncode == 2, proc.stderr  # the README's exit code for bad input
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
         assert not run_dir.exists()
