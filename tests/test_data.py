@@ -28,14 +28,6 @@ from megamora.data import (
 )
 
 
-def shared_data() -> Path:
-    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    root = Path(os.environ.get("MEGAMORA_SHARED_DATA") or default)
-    if not (root / "c4-sample").is_dir():
-        pytest.fail(f"real test data not found at {root}; set MEGAMORA_SHARED_DATA")
-    return root
-
-
 class WordTokenizer:
     """Tokenizer-free fake: a document is its token ids written as words."""
 
@@ -236,8 +228,8 @@ def test_malformed_records_are_skipped_and_counted(tmp_path):
     assert stats["docs_skipped"] == sum(v for k, v in stats.items() if k.startswith("skipped_")) == 10
 
 
-def test_other_schema_fixtures_are_read():
-    cfg = DataConfig(local_dir=str(shared_data() / "c4-fixtures"), train_glob="c4-sample.*.json.gz")
+def test_other_schema_fixtures_are_read(shared_data):
+    cfg = DataConfig(local_dir=str(shared_data / "c4-fixtures"), train_glob="c4-sample.*.json.gz")
     files = sorted(Path(cfg.local_dir).glob(cfg.train_glob))
     stream = DocumentStream(LocalShard(files, 0, 1), stream_id=0, seed=0, buffer_size=0)
     docs, _ = epoch_documents(stream)
@@ -302,10 +294,10 @@ def test_state_from_two_ranks_resumes_on_one(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_resume_is_exact_on_the_real_sample_with_the_real_tokenizer():
+def test_resume_is_exact_on_the_real_sample_with_the_real_tokenizer(shared_data):
     from megamora.tokenizer import load_tokenizer
 
-    data = shared_data()
+    data = shared_data
     tok = load_tokenizer(str(data / "tokenizers" / "t5-base" / "spiece.model"))
     cfg = DataConfig(local_dir=str(data / "c4-sample" / "en"), seq_len=256, shuffle_buffer=50, encode_batch=16)
 
@@ -352,10 +344,10 @@ def test_validation_is_the_first_tokens_in_order_and_deterministic(tmp_path):
         validation_batches(cfg, WordTokenizer(), len(expected) + 10)
 
 
-def test_validation_on_the_real_sample():
+def test_validation_on_the_real_sample(shared_data):
     from megamora.tokenizer import load_tokenizer
 
-    data = shared_data()
+    data = shared_data
     tok = load_tokenizer(str(data / "tokenizers" / "t5-base" / "spiece.model"))
     cfg = DataConfig(local_dir=str(data / "c4-sample" / "en"), seq_len=512)
     stats: dict[str, int] = {}
@@ -393,9 +385,9 @@ def test_check_data_source_names_the_bad_setting(tmp_path):
 # --------------------------------------------------------------------------- Hub mode (offline, json builder)
 
 
-def hub_cfg(**kw) -> DataConfig:
+def hub_cfg(shared_data: Path, **kw) -> DataConfig:
     """Hub mode pointed at the local sample through the `json` builder (no network)."""
-    en = shared_data() / "c4-sample" / "en"
+    en = shared_data / "c4-sample" / "en"
     files = {"train": str(en / "c4-train.*.json.gz"), "validation": str(en / "c4-validation.*.json.gz")}
     return DataConfig(local_dir=None, dataset="json", dataset_config="", data_files=files, **kw)
 
@@ -410,9 +402,9 @@ class HashTokenizer:
         return [[2 + sum(map(ord, w)) % 997 for w in t.split()] for t in texts]
 
 
-def test_hub_mode_split_resume_and_validation():
-    cfg = hub_cfg(seq_len=64, shuffle_buffer=8, encode_batch=8)
-    local = dataclasses.replace(cfg, local_dir=str(shared_data() / "c4-sample" / "en"))
+def test_hub_mode_split_resume_and_validation(shared_data):
+    cfg = hub_cfg(shared_data, seq_len=64, shuffle_buffer=8, encode_batch=8)
+    local = dataclasses.replace(cfg, local_dir=str(shared_data / "c4-sample" / "en"))
     local_files = sorted(Path(local.local_dir).glob(local.train_glob))
     all_docs, _ = epoch_documents(DocumentStream(LocalShard(local_files, 0, 1), stream_id=0, seed=0, buffer_size=0))
 
@@ -431,8 +423,8 @@ def test_hub_mode_split_resume_and_validation():
     assert torch.equal(v, validation_batches(local, HashTokenizer(), 1000))  # the same tokens as local mode
 
 
-def test_hub_mode_single_stream_resumes_across_epochs():
-    cfg = hub_cfg(seq_len=2048, shuffle_buffer=4, encode_batch=64)
+def test_hub_mode_single_stream_resumes_across_epochs(shared_data):
+    cfg = hub_cfg(shared_data, seq_len=2048, shuffle_buffer=4, encode_batch=64)
 
     def make(streams):
         return build_train_loader(cfg, HashTokenizer(), stream_ids=streams, num_streams=1, micro_batch_size=16, seed=2)
