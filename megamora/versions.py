@@ -28,6 +28,8 @@ FEATURES: tuple[Feature, ...] = (
             "torch._dynamo.config.recompile_limit (torch 2.6 calls it cache_size_limit)"),
     Feature("torch", "2.6", "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard",
             "megamora/engines/fsdp2.py", "FSDP2 in its public namespace"),
+    Feature("torch", "2.6", "torch.accelerator.synchronize", "megamora/metrics.py",
+            "device-agnostic wait for queued work before timing"),
     Feature("torch", "2.5", "enable_gqa", "megamora/model.py", "scaled_dot_product_attention(enable_gqa=...)"),
     Feature("deepspeed", "0.19.3", "use_reentrant=False", "megamora/model.py",
             "ZeRO-3 + non-reentrant activation checkpointing with frozen parameters (LoRA / MoRA base weights): "

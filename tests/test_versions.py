@@ -66,6 +66,7 @@ PROBES = {
         __import__("torch.distributed.tensor", fromlist=["distribute_tensor"]).distribute_tensor).parameters,
     "recompile_limit": lambda: hasattr(__import__("torch._dynamo", fromlist=["config"]).config, "recompile_limit"),
     "from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard": _has_fsdp2_public,
+    "torch.accelerator.synchronize": lambda: hasattr(__import__("torch").accelerator, "synchronize"),
     "enable_gqa": lambda: "enable_gqa" in (
         __import__("torch").nn.functional.scaled_dot_product_attention.__doc__ or ""),
     "use_reentrant=False": _deepspeed_recompute_fix,
