@@ -216,6 +216,81 @@ def test_relora_restart_under_zero3_prunes_moments_as_fsdp2(shared_data, tmp_pat
 
 
 # --------------------------------------------------------------------------------------------
+# ZeRO-3 start-up: partitioned from the meta device, seeded values as one process
+
+
+def _init_worker(rank: int, overrides: list[str], port: int, out_file: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+
+    from megamora.adapters import apply_adapters
+    from megamora.distributed import init_distributed
+    from megamora.engines import build_engine
+    from megamora.engines.tensors import full_tensor
+    from megamora.model import build_model, materialize
+    from megamora.optim import build_optimizer
+
+    cfg = load_config(None, overrides)
+    info = init_distributed(cfg.parallel)
+    engine = build_engine(cfg, info)
+    model = build_model(cfg.model, device="meta")
+    apply_adapters(model, cfg.adapter)
+    engine.shard(model)
+    materialize(model, info.device, cfg.seed, cfg.model.init_std)
+    # what this rank holds of each parameter once it has its values: full tensors, or partitions
+    held = {name: (p.data.numel(), p.ds_tensor.numel() if hasattr(p, "ds_tensor") else None)
+            for name, p in model.named_parameters()}
+    engine.setup(model, build_optimizer(model, cfg.optim))
+    full = {name: full_tensor(p).clone() for name, p in engine.module.named_parameters()}  # collective
+    if rank == 0:
+        torch.save({"held": held, "full": full, "tied": engine.module.lm_head.weight is engine.module.embed_tokens.weight},
+                   out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_zero3_partitions_from_meta_with_the_one_process_init(tmp_path, kind):
+    """ZeRO-3 never materialises a whole parameter set on a rank (each holds its partitions only
+    when the seeded init has run), and the weights it starts from are exactly one process's
+    (frozen base weights, adapters and a tied embedding included)."""
+    from megamora.adapters import apply_adapters
+    from megamora.model import build_model, materialize
+
+    overrides = ["run_dir=unused", "global_batch_size=4", "micro_batch_size=2", "model.dim=32", "model.ffn_dim=64",
+                 "model.n_layers=2", "model.n_heads=2", "model.vocab_size=512", "model.tie_embeddings=true",
+                 *KINDS[kind], *DS, "parallel.zero_stage=3"]
+    out = tmp_path / "init.pt"
+    spawn_ranks(_init_worker, overrides, _free_port(), str(out), nprocs=2)
+    got = torch.load(out, weights_only=True)
+
+    cfg = load_config(None, overrides)
+    plain = build_model(cfg.model, device="meta")
+    apply_adapters(plain, cfg.adapter)
+    materialize(plain, torch.device("cpu"), cfg.seed, cfg.model.init_std)
+    want = dict(plain.named_parameters())
+    assert got["tied"] and got["full"].keys() == want.keys() == got["held"].keys()
+    for name, p in want.items():
+        assert torch.equal(got["full"][name], p.detach()), name
+        full_held, partition = got["held"][name]
+        assert full_held == 0 and partition == -(-p.numel() // 2), name  # half of it, padded
+
+
+def test_zero3_bf16_matches_one_process_bf16(shared_data, tmp_path):
+    """ZeRO-3 in bf16 (fp32 partitions, bf16 compute through autocast) on 2 ranks trains as one process
+    in bf16 (autocast): the same bf16 values of the same weights; the weights differ after the first
+    step by the engines' fp32 reduction order, which bf16 rounding can amplify: rel 2e-3."""
+    bf16 = ["parallel.param_dtype=bfloat16", "steps=4", "eval_every=0", "save_every=0", *KINDS["mora"]]
+    plain = run_in_process(tiny_overrides(shared_data, tmp_path / "plain", *bf16))
+    launch(tiny_overrides(shared_data, tmp_path / "zero", *bf16, *DS, "parallel.zero_stage=3"), nproc=2)
+    got = losses(tmp_path / "zero")
+    assert sorted(got) == [1, 2, 3, 4]
+    assert got[1] == pytest.approx(plain.losses[0], rel=1e-5)  # the same initial weights, cast alike
+    assert [got[s] for s in sorted(got)] == pytest.approx(plain.losses, rel=2e-3)
+
+
+# --------------------------------------------------------------------------------------------
 # Resume
 
 

@@ -7,7 +7,7 @@ Life cycle, as `megamora.run` drives it:
     engine = build_engine(cfg, dist)      # checks its inputs (e.g. DeepSpeed installed) first
     engine.shard(model)                   # on the meta-device model, before the seeded init
     materialize(model, ...)               # seeded values, identical for any sharding
-    engine.setup(model, optimizer)        # wraps model and optimizer (DeepSpeed partitions here)
+    engine.setup(model, optimizer)        # wraps model and optimizer (ZeRO-3 partitioned in shard)
     loss = engine(tokens, targets); engine.backward(loss, last_micro); grad_norm = engine.step()
     engine.save(path) / engine.load(path) # model + optimizer state of one checkpoint
 """

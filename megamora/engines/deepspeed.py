@@ -10,7 +10,13 @@ schedule stays the project's (the Trainer sets each group's lr before every step
 Precision: parameters (frozen base weights included) stay fp32, as under FSDP2, so a ReLoRA /
 ReMoRA merge adds dW into exact fp32 weights; `parallel.param_dtype: bfloat16` computes in bf16
 through torch.autocast and `parallel.reduce_dtype: bfloat16` sets DeepSpeed's
-`communication_data_type`. DeepSpeed's own bf16 / fp16 modes (bf16 weights) are not offered.
+`communication_data_type`. DeepSpeed's own bf16 / fp16 modes are not offered: they keep frozen
+weights in bf16 only (no fp32 master copy), so merges and exports would lose precision. ZeRO-3
+therefore gathers fp32 (twice FSDP2's bf16 traffic); the bf16 casts of the gathered weights are not
+kept past their use (measured with and without autocast's cast cache: benchmarks/bench_zero_memory.py).
+
+ZeRO-3 partitions the meta-device model in `shard` (deepspeed.zero.Init, module by module): no rank
+holds the whole model at start-up, and the seeded init writes each rank's slices.
 
 Checkpoints are DeepSpeed's own (`engine.save_checkpoint`) in `<checkpoint>/deepspeed/`; they
 resume on the same ZeRO stage and world size. DeepSpeed reads them with pickle
@@ -146,7 +152,12 @@ class DeepSpeedEngine(Engine):
             super().destroy_process_group()
 
     def shard(self, model: nn.Module) -> None:
-        pass  # deepspeed.initialize partitions the materialised model (ZeRO-3) in setup()
+        """ZeRO-3: every meta parameter becomes its partition now, so no rank ever holds the whole
+        model; the seeded init then writes each rank's slices (ZeroAccess.set_full_), the values of
+        any world size. ZeRO-1/2 keep whole parameters on every rank (they partition optimizer state
+        and gradients in setup)."""
+        if self.cfg.parallel.zero_stage == 3:
+            partition_meta_parameters(model, self.dist.device, deepspeed_config(self.cfg, self.dist.world_size))
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         deepspeed = require_deepspeed()
@@ -199,6 +210,25 @@ class DeepSpeedEngine(Engine):
         model.load_state_dict(state, strict=True)
 
 
+def partition_meta_parameters(model: nn.Module, device: torch.device, config: dict[str, Any]) -> None:
+    """Replace each meta parameter of `model` by a ZeRO-3 partitioned one (deepspeed.zero.Init, one
+    module at a time, children first: Init converts a module's whole tree). A rank holds at most one
+    full parameter at a time (its values are not drawn yet: Init broadcasts rank 0's bytes, as
+    deepspeed.initialize would); tied parameters stay one parameter."""
+    deepspeed = require_deepspeed()
+    deepspeed.init_distributed(dist_init_required=False)  # joins the run's group (its config counts the ranks)
+    made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(meta) -> (meta kept alive, partitioned)
+    for module in reversed(list(model.modules())):
+        own = [(name, p) for name, p in module.named_parameters(recurse=False) if p.is_meta]
+        for name, meta in own:
+            if id(meta) not in made:
+                made[id(meta)] = meta, nn.Parameter(torch.empty_like(meta, device=device),
+                                                    requires_grad=meta.requires_grad)
+            setattr(module, name, made[id(meta)][1])
+        if own:
+            deepspeed.zero.Init(module=module, config_dict_or_path=config)
+
+
 @functools.cache
 def _safe_globals() -> list:
     """Non-tensor types DeepSpeed pickles into its checkpoints: an enum, a fragment address (a
@@ -242,12 +272,18 @@ class ZeroAccess:
         return t.ds_shape if hasattr(t, "ds_id") else t.shape
 
     @staticmethod
+    def _has_master(t: torch.Tensor) -> bool:
+        """A trainable parameter that the ZeRO optimizer holds an fp32 master copy of (ZeRO-3
+        parameters are partitioned before the optimizer exists: the seeded init writes them first)."""
+        return t.requires_grad and (hasattr(t, "_hp_mapping") or hasattr(t, "_z3_optimizer"))
+
+    @staticmethod
     @torch.no_grad()
     def full(t: torch.Tensor) -> torch.Tensor:
         from deepspeed.utils import safe_get_full_fp32_param
 
         shape = ZeroAccess.shape(t)
-        if t.requires_grad:
+        if ZeroAccess._has_master(t):
             return safe_get_full_fp32_param(t).reshape(shape)
         import deepspeed
 
@@ -273,7 +309,7 @@ class ZeroAccess:
                 t.data.copy_(value)
         else:
             t.data.copy_(value)
-        if t.requires_grad:
+        if ZeroAccess._has_master(t):
             safe_set_full_fp32_param(t, value.to(device=t.device, dtype=torch.float32))
 
     @staticmethod
