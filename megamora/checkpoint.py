@@ -168,7 +168,7 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
 def _check_files(path: Path, engine: str) -> None:
     """Cheap whole-file checks: DCP's metadata (through its allow-list unpickler) and the shards at
     the sizes it lists; torch.save archives (DeepSpeed's) by their zip index, which a truncated file
-    has lost."""
+    has lost, and their pickle, which a crafted file fills with code."""
     import zipfile
 
     from megamora.engines.fsdp2 import read_dcp_metadata
@@ -181,6 +181,24 @@ def _check_files(path: Path, engine: str) -> None:
             zipfile.ZipFile(f).close()
         except (zipfile.BadZipFile, OSError) as e:
             raise ValueError(f"{path}: cannot read {f.relative_to(path)} ({e})") from None
+        _check_pickle(path, f)
+
+
+def _check_pickle(path: Path, f: Path) -> None:
+    """A torch.save archive's pickle through torch's weights-only unpickler (tensors memory-mapped,
+    not read), so a crafted one is refused here, in one line naming it, before any run is set up."""
+    import pickle
+
+    from megamora.engines.deepspeed import weights_only_torch_load
+    from megamora.engines.fsdp2 import error_cause
+
+    try:
+        with weights_only_torch_load():
+            torch.load(f, map_location="cpu", mmap=True)
+    except ImportError:  # DeepSpeed not installed: its reader says how to install it
+        return
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: cannot read {f.relative_to(path)} ({error_cause(e)})") from None
 
 
 def saved_engine(path: str | Path) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_tools import finish, load_tool, one_thread, start_tool, tiny_overrides
-from test_train import launch
+from test_train import launch_together
 
 from megamora.checkpoint import latest_checkpoint, list_checkpoints
 from megamora.config import load_config
@@ -25,6 +25,7 @@ RUN_KINDS = {
     "mora": ["adapter.kind=mora", "adapter.r=4"],
     "deepspeed": ["parallel.engine=deepspeed", "adapter.kind=lora", "adapter.r=4"],
 }
+DS_MODEL_STATES = "mp_rank_00_model_states.pt"
 TOOLS = ["merge_checkpoint", "eval_ppl", "count_singular_values", "convert_to_hf", "report"]
 # plain dcp.save / dcp.load below, in one process without a process group
 no_group = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -86,7 +87,7 @@ def bad(runs, tmp_path_factory, marker) -> dict[str, tuple[Path, str]]:
     shutil.rmtree(ckpt)
     shutil.copytree(latest_checkpoint(runs["mora"]), ckpt)
     out["mismatch"] = (root / "mismatch", "config.yaml")
-    for part, name in (("optim", "zero_pp_rank_0_mp_rank_00_optim_states.pt"), ("model", "mp_rank_00_model_states.pt")):
+    for part, name in (("optim", "zero_pp_rank_0_mp_rank_00_optim_states.pt"), ("model", DS_MODEL_STATES)):
         cut_in_half(copy_newest(runs["deepspeed"], root / f"ds-truncated-{part}") / "deepspeed" / name)
         out[f"ds-truncated-{part}"] = (root / f"ds-truncated-{part}", name)
     # a real metadata with the payload hidden inside it
@@ -95,6 +96,12 @@ def bad(runs, tmp_path_factory, marker) -> dict[str, tuple[Path, str]]:
     metadata.planner_data = RunsCode(marker)
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
     out["malicious"] = (root / "malicious", ".metadata")
+    # DeepSpeed's model states (a torch.save archive, read with pickle by DeepSpeed) with the payload inside
+    model_states = copy_newest(runs["deepspeed"], root / "ds-malicious") / "deepspeed" / DS_MODEL_STATES
+    states = torch.load(model_states, map_location="cpu", weights_only=False)  # our own, trusted here
+    states["client_state"] = RunsCode(marker)
+    torch.save(states, model_states)
+    out["ds-malicious"] = (root / "ds-malicious", DS_MODEL_STATES)
     return out
 
 
@@ -119,7 +126,7 @@ def assert_one_line(stderr: str, *needles: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["truncated-distcp", "truncated-metadata", "mismatch", "ds-truncated-optim",
-                                  "ds-truncated-model", "malicious"])
+                                  "ds-truncated-model", "malicious", "ds-malicious"])
 def test_every_tool_fails_in_one_line_naming_the_file(bad, case, tmp_path, capsys, marker):
     run_dir, name = bad[case]
     for tool in TOOLS:
@@ -146,7 +153,7 @@ def test_mismatch_names_the_keys(bad):
 def test_tools_as_commands_exit_2_with_one_line(bad, tmp_path, marker):
     """The real command lines (no stray warnings, logs or DeepSpeed chatter on stderr)."""
     procs = {(tool, case): start_tool([tool, *tool_argv(tool, bad[case][0], tmp_path / f"{tool}-{case}")])
-             for tool in TOOLS for case in ("malicious", "ds-truncated-optim")}
+             for tool in TOOLS for case in ("malicious", "ds-malicious")}
     for (tool, case), proc in procs.items():
         done = finish(proc)
         assert done.returncode == 2, (tool, case, done.stderr)
@@ -158,9 +165,13 @@ def test_tools_as_commands_exit_2_with_one_line(bad, tmp_path, marker):
 
 
 def test_payload_is_real(tmp_path):
-    """Plain pickle would run it: the checks below are not vacuous."""
+    """Plain pickle would run it, and so would torch.load without weights_only (how DeepSpeed reads
+    its checkpoints): the checks below are not vacuous."""
     pickle.loads(pickle.dumps(RunsCode(tmp_path / "ran")))
     assert (tmp_path / "ran").exists()
+    torch.save({"client_state": RunsCode(tmp_path / "ran-torch")}, tmp_path / "states.pt")
+    torch.load(tmp_path / "states.pt", weights_only=False)
+    assert (tmp_path / "ran-torch").exists()
 
 
 def test_metadata_unpickler_refuses_every_other_global(runs, tmp_path):
@@ -204,17 +215,19 @@ def test_non_tensor_values_load_weights_only(tmp_path, marker):
     assert state["lr"] == 0.5 and torch.equal(state["w"], torch.ones(3))
 
 
-def test_warm_start_and_resume_refuse_a_crafted_metadata(bad, shared_data, tmp_path, marker):
-    run_dir, _ = bad["malicious"]
+@pytest.mark.parametrize("case", ["malicious", "ds-malicious"])
+def test_warm_start_and_resume_refuse_a_crafted_checkpoint(bad, shared_data, tmp_path, marker, case):
+    run_dir, name = bad[case]
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    warm = launch(tiny_overrides(shared_data, tmp_path / "warm", "adapter.kind=lora", f"warm_start={run_dir}"),
-                  check=False)
+    kind = RUN_KINDS["lora" if case == "malicious" else "deepspeed"]
+    warm, resume = launch_together(
+        (tiny_overrides(shared_data, tmp_path / "warm", "adapter.kind=lora", "adapter.r=4", f"warm_start={run_dir}"),
+         1),
+        (tiny_overrides(shared_data, run_dir, *kind, "steps=6"), 1), check=False)
     assert warm.returncode == 2 and not (tmp_path / "warm").exists()
-    assert_one_line(warm.stderr, ".metadata", "refused")
-    resume = launch(tiny_overrides(shared_data, run_dir, "adapter.kind=lora", "adapter.r=4", "save_every=2",
-                                   "steps=6"), check=False)
+    assert_one_line(warm.stderr, name, "refused")
     assert resume.returncode == 2
-    assert_one_line(resume.stderr, ".metadata", "refused")
+    assert_one_line(resume.stderr, name, "refused")
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
     assert not marker.exists()
 
