@@ -335,6 +335,12 @@ def test_generated_deepspeed_config_states_batch_sizes_once(tmp_path):
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 4)
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"] == {"stage": 3}
     assert ds["communication_data_type"] == "bf16" and not ds["bf16"]["enabled"]
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # ZeRO-Offload steps the project's AdamW
+    forced = tmp_path / "forced.json"
+    forced.write_text(json.dumps({"zero_force_ds_cpu_optimizer": True}))
+    cfg.parallel.deepspeed_config = str(forced)
+    with pytest.raises(ValueError, match="zero_force_ds_cpu_optimizer"):
+        deepspeed_config(cfg, world_size=2)
 
     override = tmp_path / "offload.json"
     override.write_text(json.dumps({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}))
