@@ -92,6 +92,9 @@ class DataConfig:
     seq_len: int = 512
     shuffle_buffer: int = 1000  # documents; 0 keeps the stream order
     encode_batch: int = 64  # documents tokenized per call
+    # Batches a background thread prepares ahead per data stream (the trainer takes one per stream
+    # per optimizer step: this many steps ahead); 0 reads them on the training thread. Same batches.
+    prefetch_batches: int = 2
     # The validation set is this many interleaved pieces (document j goes to piece j % N); each rank
     # tokenizes only its pieces, and the set is the same for any world size. 1: one stream in order.
     validation_pieces: int = 64
@@ -312,6 +315,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
     _check(cfg.data.seq_len > 0, f"data.seq_len={cfg.data.seq_len} must be positive")
     _check(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0")
+    _check(cfg.data.prefetch_batches >= 0, f"data.prefetch_batches={cfg.data.prefetch_batches} must be >= 0")
     _check(cfg.data.max_doc_chars > 0, f"data.max_doc_chars={cfg.data.max_doc_chars} must be positive")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")

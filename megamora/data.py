@@ -33,21 +33,30 @@ line is never read whole past line_byte_limit()), so the buffer holds at most sh
 and the pending tokens come from at most one `encode_batch` of them (see TokenPacker).
 
 Malformed input (local mode) is skipped and counted by reason, see SKIP_REASONS.
+
+Prefetch. With data.prefetch_batches = N > 0 the loader is a PrefetchLoader: one background thread
+reads, tokenizes and packs up to N batches ahead per stream (into pinned memory when the batches go
+to a CUDA device), so the trainer's thread only takes ready tensors. Each batch travels with its
+stream's state after it, and state_dict() / stats() are those of the last batch the trainer TOOK,
+not the reader's position ahead of it: the batches, checkpoints and counters are those of N = 0.
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import bisect
 import gzip
 import hashlib
 import itertools
 import json
+import threading
+import weakref
 import zlib
 from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import torch
@@ -500,6 +509,20 @@ def check_train_documents(cfg: DataConfig, num_streams: int) -> None:
 # --------------------------------------------------------------------------- loaders
 
 
+def sum_stats(streams: Iterable[tuple[dict[str, int], dict[str, int], int]]) -> dict[str, int]:
+    """The counters of streams given as (document counters, packer counters, epoch): sums, except
+    `epochs`, the most passes completed over any shard."""
+    out: dict[str, int] = {}
+    epochs = 0
+    for docs, packed, epoch in streams:
+        for k, v in itertools.chain(docs.items(), packed.items()):
+            out[k] = out.get(k, 0) + v
+        epochs = max(epochs, epoch)
+    out["docs_skipped"] = sum(out.get(f"skipped_{r}", 0) for r in SKIP_REASONS)
+    out["epochs"] = epochs
+    return out
+
+
 class TrainLoader:
     """The training streams this process reads; see the module docstring."""
 
@@ -522,8 +545,12 @@ class TrainLoader:
         windows = self._packer(stream_id).next_windows(self.micro_batch_size)
         return torch.from_numpy(windows.astype(np.int64))
 
+    def stream_state(self, stream_id: int) -> dict:
+        """The resumable state of one stream, with the header a resume checks."""
+        return {**self._header, "stream_id": stream_id, **self._packer(stream_id).state()}
+
     def state_dict(self) -> dict[str, dict]:
-        return {str(s): {**self._header, "stream_id": s, **p.state()} for s, p in self._packers.items()}
+        return {str(s): self.stream_state(s) for s in self._packers}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         """Restore this loader's streams; entries for other streams (other ranks') are ignored."""
@@ -537,18 +564,168 @@ class TrainLoader:
             packer.load_state(entry)
 
     def stats(self) -> dict[str, int]:
-        """Sums over this loader's streams, except `epochs`: the most passes completed over any shard."""
-        out: dict[str, int] = {}
-        for p in self._packers.values():
-            for k, v in itertools.chain(p.docs.counters.items(), p.counters.items()):
-                out[k] = out.get(k, 0) + v
-        out["docs_skipped"] = sum(out.get(f"skipped_{r}", 0) for r in SKIP_REASONS)
-        out["epochs"] = max((p.docs.epoch for p in self._packers.values()), default=0)
-        return out
+        return sum_stats((p.docs.counters, p.counters, p.docs.epoch) for p in self._packers.values())
 
     def close(self) -> None:
         for p in self._packers.values():
             p.docs.shard.close()
+
+
+class _ReaderThread:
+    """The background thread of a PrefetchLoader. It keeps up to `depth` batches ready per stream,
+    each with its stream's state after it, reading the streams in turn (the order the trainer takes
+    them in). A stream whose reading fails keeps its error, raised when that stream is next asked."""
+
+    def __init__(self, loader: TrainLoader, depth: int, pin_memory_device: torch.device | None):
+        self._loader = loader
+        self._depth = depth
+        self._pin_device = pin_memory_device
+        self._order = loader.stream_ids
+        self._ready: dict[int, collections.deque] = {s: collections.deque() for s in self._order}
+        self._failed: dict[int, BaseException] = {}
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="megamora-data-prefetch", daemon=True)
+        self._thread.start()
+
+    def take(self, stream_id: int) -> tuple[torch.Tensor, dict]:
+        """The next batch of `stream_id` and the stream's state after it; waits for it if needed."""
+        with self._cond:
+            while not self._ready[stream_id]:
+                if stream_id in self._failed:
+                    raise self._failed[stream_id]
+                if self._stopping:
+                    raise RuntimeError("the data reader thread was stopped")
+                self._cond.wait()
+            item = self._ready[stream_id].popleft()
+            self._cond.notify_all()  # room for one more
+        return item
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def join(self, timeout: float | None) -> bool:
+        """Whether the thread has ended (it finishes the batch it is reading first)."""
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _next_stream(self, start: int) -> int | None:
+        """Index in the order of the first stream from `start` on with room and no error (lock held)."""
+        n = len(self._order)
+        for k in range(n):
+            s = self._order[(start + k) % n]
+            if s not in self._failed and len(self._ready[s]) < self._depth:
+                return (start + k) % n
+        return None
+
+    def _run(self) -> None:
+        try:
+            if self._pin_device is not None:
+                torch.cuda.set_device(self._pin_device)  # pin in this rank's CUDA context, not GPU 0's
+            start = 0
+            while True:
+                with self._cond:
+                    while not self._stopping and (i := self._next_stream(start)) is None:
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                s, start = self._order[i], (i + 1) % len(self._order)
+                try:
+                    batch = self._loader.next_batch(s)
+                    if self._pin_device is not None:
+                        batch = batch.pin_memory()  # so that .to(device, non_blocking=True) is asynchronous
+                    item = (batch, self._loader.stream_state(s))
+                except Exception as e:  # bad data: the trainer gets it where it would have inline
+                    with self._cond:
+                        self._failed[s] = e
+                        self._cond.notify_all()
+                    continue
+                with self._cond:
+                    self._ready[s].append(item)
+                    self._cond.notify_all()
+        except BaseException as e:  # outside a stream's reading: no stream can go on
+            with self._cond:
+                for s in self._order:
+                    self._failed.setdefault(s, e)
+                self._cond.notify_all()
+
+
+class PrefetchLoader:
+    """A TrainLoader read ahead by a background thread; the same batches, state and stats.
+
+    The thread starts at the first next_batch() (so a checkpoint's state loads first). state_dict()
+    and stats() are those after the last batch returned by next_batch(); whenever the thread stops
+    (load_state_dict, close) the reader is set back to that state, so nothing read ahead is lost."""
+
+    STOP_TIMEOUT_S = 30.0  # close(): how long to wait for the batch being read (a stuck filesystem)
+
+    def __init__(self, loader: TrainLoader, depth: int, pin_memory_device: torch.device | None = None):
+        if depth < 1:
+            raise ValueError(f"data.prefetch_batches={depth} must be positive for a PrefetchLoader")
+        self._loader = loader
+        self._depth = depth
+        self._pin_device = pin_memory_device
+        self._taken = loader.state_dict()  # per stream: the state after its last batch taken
+        self._reader: _ReaderThread | None = None
+        self._stop_reader_at_gc: weakref.finalize | None = None
+        self._stuck = False
+
+    @property
+    def stream_ids(self) -> list[int]:
+        return self._loader.stream_ids
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self._loader.micro_batch_size
+
+    def next_batch(self, stream_id: int) -> torch.Tensor:
+        """As TrainLoader.next_batch (pinned when built for a CUDA device)."""
+        if str(stream_id) not in self._taken:
+            raise ValueError(f"stream {stream_id} is not one of this loader's streams {self.stream_ids}")
+        if self._reader is None:
+            self._start_reader()
+        batch, state = self._reader.take(stream_id)
+        self._taken[str(stream_id)] = state
+        return batch
+
+    def state_dict(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self._taken.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self._stop_reader(timeout=None)  # it must not read while the streams are replaced
+        self._loader.load_state_dict(state)
+        self._taken = self._loader.state_dict()
+
+    def stats(self) -> dict[str, int]:
+        return sum_stats((st["docs"]["counters"], st["counters"], st["docs"]["epoch"]) for st in self._taken.values())
+
+    def close(self) -> None:
+        """Stop the thread (waiting at most STOP_TIMEOUT_S) and close the files; next_batch() reopens."""
+        if self._stop_reader(timeout=self.STOP_TIMEOUT_S):
+            self._loader.close()
+
+    def _start_reader(self) -> None:
+        if self._stuck:
+            raise RuntimeError("the data reader thread did not stop at close(); this loader cannot read on")
+        self._reader = _ReaderThread(self._loader, self._depth, self._pin_device)
+        # A loader dropped without close() still ends its thread (which holds no reference to it).
+        self._stop_reader_at_gc = weakref.finalize(self, self._reader.request_stop)
+
+    def _stop_reader(self, timeout: float | None) -> bool:
+        """Stop the thread and set the reader back to the state of the batches taken; False if the
+        thread did not end within `timeout` (it is a daemon: it cannot keep the process alive)."""
+        if self._reader is None:
+            return not self._stuck
+        self._stop_reader_at_gc()
+        if not self._reader.join(timeout):
+            self._stuck = True
+            return False
+        self._reader = None
+        self._loader.load_state_dict(self._taken)  # drop what was read ahead
+        return True
 
 
 def build_train_loader(
@@ -559,8 +736,11 @@ def build_train_loader(
     num_streams: int,
     micro_batch_size: int,
     seed: int,
-) -> TrainLoader:
-    """The loader of `stream_ids` among `num_streams` disjoint training streams (nothing is read yet)."""
+    pin_memory_device: torch.device | None = None,
+) -> TrainLoader | PrefetchLoader:
+    """The loader of `stream_ids` among `num_streams` disjoint training streams (nothing is read yet):
+    read ahead by a thread when data.prefetch_batches > 0, into pinned memory for a CUDA
+    `pin_memory_device` (the device the batches go to; None or another device: not pinned)."""
     if num_streams < 1:
         raise ValueError(f"num_streams={num_streams} must be positive")
     bad = [s for s in stream_ids if not 0 <= s < num_streams]
@@ -575,6 +755,8 @@ def build_train_loader(
             raise ValueError(f"data.{key}={getattr(cfg, key)} must be positive")
     if cfg.shuffle_buffer < 0:
         raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} must be >= 0")
+    if cfg.prefetch_batches < 0:
+        raise ValueError(f"data.prefetch_batches={cfg.prefetch_batches} must be >= 0")
     _check_max_doc_chars(cfg)
 
     if cfg.local_dir:
@@ -603,7 +785,11 @@ def build_train_loader(
         )
         for s, shard in shards.items()
     }
-    return TrainLoader(packers, micro_batch_size=micro_batch_size, header=header)
+    loader = TrainLoader(packers, micro_batch_size=micro_batch_size, header=header)
+    if not cfg.prefetch_batches:
+        return loader
+    pin = pin_memory_device if pin_memory_device is not None and pin_memory_device.type == "cuda" else None
+    return PrefetchLoader(loader, cfg.prefetch_batches, pin)
 
 
 @dataclass

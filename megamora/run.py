@@ -130,6 +130,7 @@ def check_adapters(cfg: TrainConfig) -> None:
 # were made with. Everything else (steps, eval / save cadence, keep_last, optim, parallel, logging)
 # may change; write_config records it.
 FROZEN = ("seed", "warm_start", "model", "adapter", "restarts", "data")
+NOT_FROZEN = ("data.prefetch_batches",)  # how the data is read, not which: the same batches
 
 
 def check_resume(cfg: TrainConfig, dist: DistInfo) -> None:
@@ -159,7 +160,7 @@ def check_same_run(cfg: TrainConfig, ckpt: Path) -> None:
     except ConfigError as e:
         raise ValueError(f"cannot resume {cfg.run_dir}: its config.yaml does not load ({e})") from None
     moved = ("data.local_dir", "data.tokenizer")
-    differ = [k for k in config_changes(run_cfg, cfg) if k.split(".")[0] in FROZEN and k not in moved]
+    differ = [k for k in config_changes(run_cfg, cfg) if k.split(".")[0] in FROZEN and k not in moved + NOT_FROZEN]
     saved = saved_train_source(ckpt)  # None: a checkpoint from before sources were recorded
     if saved != train_source(cfg.data) if saved else run_cfg.data.local_dir != cfg.data.local_dir:
         differ.append("data.local_dir")
@@ -251,7 +252,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     accum = grad_accum_steps(cfg, dist.world_size)
     stream_ids = [a * dist.world_size + dist.rank for a in range(accum)]
     loader = build_train_loader(cfg.data, tokenizer, stream_ids=stream_ids, num_streams=accum * dist.world_size,
-                                micro_batch_size=cfg.micro_batch_size, seed=cfg.seed)
+                                micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, pin_memory_device=dist.device)
 
     restarts = None
     if cfg.restarts.every:
@@ -315,6 +316,7 @@ def pretrain(cfg: TrainConfig, progress_bar: bool = False) -> RunResult:
                 final_eval = trainer.fit(progress, stop) or finished_eval(trainer)
             barrier()  # no rank tears down gloo while another still talks to it
         finally:
+            trainer.loader.close()  # ends the prefetch thread
             trainer.metrics.close()
     finally:
         unlock_run_dir(cfg.run_dir)
