@@ -44,8 +44,8 @@ not the reader's position ahead of it: the batches, checkpoints and counters are
 from __future__ import annotations
 
 import base64
-import collections
 import bisect
+import collections
 import gzip
 import hashlib
 import itertools
