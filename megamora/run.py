@@ -244,8 +244,11 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     summary = adapters.apply_adapters(model, cfg.adapter)
     configure_compute(model, cfg.parallel)
     engine.shard(model)
-    materialize(model, dist.device, cfg.seed, cfg.model.init_std)
-    if cfg.warm_start and latest_checkpoint(run_dir) is None:
+    resuming = latest_checkpoint(run_dir) is not None
+    # a resume's checkpoint overwrites every parameter: drawing their initial values is wasted start-up
+    draw = not (resuming and engine.load_restores_all_parameters)
+    materialize(model, dist.device, cfg.seed, cfg.model.init_std, draw)
+    if cfg.warm_start and not resuming:
         load_base_weights(resolve_warm_start(cfg.warm_start), model)
     engine.setup(model, build_optimizer(model, cfg.optim))
 

@@ -28,6 +28,9 @@ from megamora.distributed import DTYPES, DistInfo, destroy_distributed
 
 class Engine(ABC):
     name: ClassVar[str]
+    # True when `load` restores every parameter of the model (the checkpoint's keys are checked
+    # against the model's): a resume then skips drawing initial values it would overwrite.
+    load_restores_all_parameters: ClassVar[bool] = False
 
     def __init__(self, cfg: TrainConfig, dist: DistInfo):
         self.cfg = cfg

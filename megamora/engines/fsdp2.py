@@ -20,7 +20,7 @@ import io
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -49,6 +49,7 @@ from megamora.engines.base import Engine
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
+    load_restores_all_parameters = True  # check_model_keys: exactly the model's keys
 
     @property
     def sharded(self) -> bool:
@@ -327,6 +328,19 @@ class DTensorAccess:
     def set_full_(t: DTensor, value: torch.Tensor) -> None:
         shard = t.to_local()
         shard.copy_(DTensorAccess._my_slice(t, value))
+
+    @staticmethod
+    @torch.no_grad()
+    def set_full_from_(t: DTensor, make_value: Callable[[], torch.Tensor], owner: int) -> None:
+        """t = make_value(), called on one rank only (the mesh coordinate (k, k, ...), k = owner modulo
+        the smallest mesh dimension), which sends every other rank its slice."""
+        mesh = t.device_mesh
+        src = owner % min(mesh.shape)
+        if all(c == src for c in mesh.get_coordinate()):
+            value = make_value().to(device=t.device, dtype=t.dtype)
+        else:
+            value = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        t.to_local().copy_(distribute_tensor(value, mesh, t.placements, src_data_rank=src).to_local())
 
     @staticmethod
     @torch.no_grad()
