@@ -1,4 +1,4 @@
-"""tools/reproduce.py end to end on a tiny recipe (two methods, two seeds, a 2-step warm start, 4-step
+"""tools/reproduce.py end to end on a tiny recipe (two methods, two seeds, a 3-step warm start, 4-step
 runs), its resume and skip of finished runs, bad input, the SLURM dependency chain with a fake
 sbatch, and the report's aggregation (mean / sd, paired differences, verdicts) on synthetic numbers.
 
@@ -49,6 +49,7 @@ eval_every: 2
 eval_tokens: 512
 save_every: 2
 keep_last: 2
+stop_check_every: 1
 model: {{dim: 32, ffn_dim: 64, n_layers: 2, n_heads: 2}}
 data:
   local_dir: {shared_data}/c4-sample/en
@@ -85,7 +86,7 @@ def env(**extra) -> dict:
 
 def reproduce(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(TOOL), *map(str, args)], env=env(), capture_output=True, text=True,
-                          timeout=600, **kw)
+                          timeout=1200, **kw)  # a guard against a hang: minutes on a busy machine
     if check and proc.returncode != 0:
         raise AssertionError(f"reproduce {args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")
@@ -126,20 +127,38 @@ def locked(path: Path) -> bool:
         return False
 
 
+SLOW_SITE = REPO / "tests" / "slow_site"  # sitecustomize: every run of the tool sleeps after each step
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    """The train records of a run that may be writing metrics.jsonl (its last line may be half-written)."""
+    path, out = run_dir / "metrics.jsonl", []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in out if r["kind"] == "train"]
+
+
 @pytest.fixture(scope="module")
 def reproduced(shared_data, tmp_path_factory):
-    """The tiny recipe, seeds 0 and 1, killed (SIGKILL) during its first run, then run again to the end."""
+    """The tiny recipe (3-step warm starts), seeds 0 and 1, killed (SIGKILL) after the first step of
+    its first run (slowed down: the kill lands during step 2), then run again to the end."""
     root = tmp_path_factory.mktemp("reproduce")
-    recipe = write_recipe(root, shared_data)
+    recipe = write_recipe(root, shared_data, warm_start_steps=3)  # killed during step 2: not the last
     out = root / "out"
     cmd = [sys.executable, str(TOOL), "--recipe", recipe, "--seeds", "0", "1", "--out", out]
-    first = subprocess.Popen(list(map(str, cmd)), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock, deadline = out / "runs" / "warmstart-seed0" / ".lock", time.monotonic() + 120
-    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+    slow = env(PYTHONPATH=os.pathsep.join([str(SLOW_SITE), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               MEGAMORA_TEST_STEP_SLEEP="1")
+    first = subprocess.Popen(list(map(str, cmd)), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir, deadline = out / "runs" / "warmstart-seed0", time.monotonic() + 600
+    while not train_records(run_dir) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert first.poll() is None and train_records(run_dir), first.communicate(timeout=60)
     first.send_signal(signal.SIGKILL)  # the command dies; its run gets SIGTERM (PDEATHSIG) and stops
     first.communicate(timeout=60)
-    deadline = time.monotonic() + 60
+    lock, deadline = run_dir / ".lock", time.monotonic() + 60
     while lock.exists() and locked(lock) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not (lock.exists() and locked(lock)), "the run outlived the killed command"
@@ -173,7 +192,7 @@ def test_report_files_and_numbers_equal_the_tools(reproduced, capsys):
     # warm-started: W_init of dW is the warm start's weights; the method runs start where it ended
     cfg = (out / "runs" / "mora-seed1" / "config.yaml").read_text()
     assert f"warm_start: {out / 'runs' / 'warmstart-seed1'}" in cfg
-    assert [w["step"] for w in results["warm_starts"]] == [2, 2]
+    assert [w["step"] for w in results["warm_starts"]] == [3, 3]
     report = (out / "report.md").read_text()
     for needle in ("## Table 3", "## Figure 4", "## Figure 5", "## Verdict", "MoRA", "LoRA", "Paired by seed"):
         assert needle in report, needle
@@ -184,8 +203,11 @@ def test_interrupted_reproduction_resumes_and_skips_finished_runs(reproduced, sh
     out, recipe = reproduced["out"], reproduced["recipe"]
     # The SIGKILL of the command stopped its run: that run resumed or restarted, the rest ran once.
     assert reproduced["first"].returncode == -signal.SIGKILL
-    setups = read_metrics(out / "runs" / "warmstart-seed0", "setup")
-    assert len(setups) >= 1 and read_metrics(out / "runs" / "lora-seed0", "setup")[0]["resumed_from"] is None
+    warm = out / "runs" / "warmstart-seed0"
+    assert [(r["step"], r["signal"]) for r in read_metrics(warm, "stop")] == [(2, "SIGTERM")]  # saved, stopped
+    assert [s["resumed_from"] for s in read_metrics(warm, "setup")] == [None, str(warm / "checkpoints" / "step_00000002")]
+    assert [r["step"] for r in read_metrics(warm, "train")] == [1, 2, 3]  # step 3 only on the second pass
+    assert [s["resumed_from"] for s in read_metrics(out / "runs" / "lora-seed0", "setup")] == [None]  # ran once
 
     # Now lose the last run's final checkpoint and its records after step 2, as a kill after step 2 would.
     last = out / "runs" / "mora-seed1"
