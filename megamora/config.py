@@ -99,7 +99,9 @@ class DataConfig:
     validation_pieces: int = 1
     # Batches a background thread prepares ahead per data stream (the trainer takes one per stream
     # per optimizer step: this many steps ahead); 0 reads them on the training thread. Same batches.
-    prefetch_batches: int = 2
+    # Unset: 2 on CUDA (the host reads while the GPU computes), 0 on CPU, where the reader competes
+    # with the step for the cores (0.65x measured: benchmarks/bench_data.py --step matmul).
+    prefetch_batches: Optional[int] = None
     # Longer documents are skipped (counted as skipped_too_long): bounds reader memory and the data
     # state in checkpoints. Far above real C4 documents (the longest of the 2000 sampled: 61k characters).
     max_doc_chars: int = 1_000_000
@@ -317,7 +319,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(cfg.logging.log_every > 0, f"logging.log_every={cfg.logging.log_every} must be positive")
     _check(cfg.data.seq_len > 0, f"data.seq_len={cfg.data.seq_len} must be positive")
     _check(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer={cfg.data.shuffle_buffer} must be >= 0")
-    _check(cfg.data.prefetch_batches >= 0, f"data.prefetch_batches={cfg.data.prefetch_batches} must be >= 0")
+    _check(cfg.data.prefetch_batches is None or cfg.data.prefetch_batches >= 0,
+           f"data.prefetch_batches={cfg.data.prefetch_batches} must be >= 0")
     _check(cfg.data.max_doc_chars > 0, f"data.max_doc_chars={cfg.data.max_doc_chars} must be positive")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr={o.lr} must be positive")

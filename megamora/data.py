@@ -739,7 +739,7 @@ def build_train_loader(
     pin_memory_device: torch.device | None = None,
 ) -> TrainLoader | PrefetchLoader:
     """The loader of `stream_ids` among `num_streams` disjoint training streams (nothing is read yet):
-    read ahead by a thread when data.prefetch_batches > 0, into pinned memory for a CUDA
+    read ahead by a thread when prefetch_depth > 0, into pinned memory for a CUDA
     `pin_memory_device` (the device the batches go to; None or another device: not pinned)."""
     if num_streams < 1:
         raise ValueError(f"num_streams={num_streams} must be positive")
@@ -755,8 +755,9 @@ def build_train_loader(
             raise ValueError(f"data.{key}={getattr(cfg, key)} must be positive")
     if cfg.shuffle_buffer < 0:
         raise ValueError(f"data.shuffle_buffer={cfg.shuffle_buffer} must be >= 0")
-    if cfg.prefetch_batches < 0:
-        raise ValueError(f"data.prefetch_batches={cfg.prefetch_batches} must be >= 0")
+    depth = prefetch_depth(cfg, pin_memory_device)
+    if depth < 0:
+        raise ValueError(f"data.prefetch_batches={depth} must be >= 0")
     _check_max_doc_chars(cfg)
 
     if cfg.local_dir:
@@ -786,10 +787,18 @@ def build_train_loader(
         for s, shard in shards.items()
     }
     loader = TrainLoader(packers, micro_batch_size=micro_batch_size, header=header)
-    if not cfg.prefetch_batches:
+    if not depth:
         return loader
     pin = pin_memory_device if pin_memory_device is not None and pin_memory_device.type == "cuda" else None
-    return PrefetchLoader(loader, cfg.prefetch_batches, pin)
+    return PrefetchLoader(loader, depth, pin)
+
+
+def prefetch_depth(cfg: DataConfig, device: torch.device | None) -> int:
+    """data.prefetch_batches; unset, 2 for batches bound for a CUDA device and 0 otherwise (see the
+    field's comment in megamora.config)."""
+    if cfg.prefetch_batches is not None:
+        return cfg.prefetch_batches
+    return 2 if device is not None and device.type == "cuda" else 0
 
 
 @dataclass

@@ -282,3 +282,17 @@ def test_runs_are_the_same_with_and_without_prefetch_and_resume_across(shared_da
     assert resumed.resumed_from.name == "step_00000003"  # the setting may change on resume
     assert resumed.losses == inline.losses[3:] and resumed.final_eval == inline.final_eval
     assert len(built) == 1 and built[0]._reader is None  # pretrain closed the loader it built
+
+
+def test_prefetch_depth_unset_reads_ahead_for_cuda_only():
+    """Unset, the reader runs ahead only where the step runs on a GPU: on a CPU it competes with the
+    step for the cores (slower, benchmarks/bench_data.py --step matmul); set, it is what was asked."""
+    import torch
+
+    from megamora.data import prefetch_depth
+
+    assert prefetch_depth(DataConfig(), torch.device("cuda", 0)) == 2
+    assert prefetch_depth(DataConfig(), torch.device("cpu")) == 0
+    assert prefetch_depth(DataConfig(), None) == 0
+    assert prefetch_depth(DataConfig(prefetch_batches=3), torch.device("cpu")) == 3
+    assert prefetch_depth(DataConfig(prefetch_batches=0), torch.device("cuda", 0)) == 0
