@@ -66,12 +66,20 @@ BENCH_SMOKE = {
     "bench_utilisation": "--preset 9m --seq-len 32 --batch 2 --vocab 1000 --dtypes float32 --rounds 1 --steps 1 "
                          "--warmup 0 --gemm-size 128 --gemm-reps 1 --profile-steps 0",
     "bench_loss": "--dim 64 --vocab 1000 --tokens 128 --chunk 64 --rounds 1",
+    "bench_validation": "--tokens 4096 --seq-len 32 --world-sizes 1 2 --repeat 1",
 }
 # Benchmarks whose smallest run is still minutes on 2 cores: the script is imported and its parser must
 # accept the documented arguments (an unknown or badly typed one fails), then it stops.
 BENCH_PARSE_ONLY = {
     "bench_throughput": "--engines launches the entry point once per engine (4 runs); tests/test_deepspeed.py "
                         "trains every engine",
+    "bench_startup": "builds, shards and initialises the 350m preset on 2 ranks (minutes); tests/test_startup.py "
+                     "checks the sharded init and warm start",
+    "bench_zero_startup": "the same under DeepSpeed ZeRO-3 (minutes); tests/test_deepspeed.py checks the partitioned "
+                          "init",
+    "bench_zero_memory": "a dim-1024 model per engine and adapter on 2 ranks (minutes)",
+    "bench_offload_optimizer": "JIT-builds DeepSpeedCPUAdam (minutes, a C++ compiler); "
+                               "tests/test_deepspeed_configs.py trains the offload configs",
 }
 NOT_RUN = {
     "sudo apt-get install libjemalloc2": "installs a system package (root, network)",
