@@ -50,7 +50,7 @@ $(BENCH_VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean:
 	rm -rf runs .pytest_cache

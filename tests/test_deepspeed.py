@@ -112,7 +112,9 @@ def _restart_worker(rank: int, overrides: list[str], port: int, out_file: str) -
     cfg = load_config(None, overrides)
     trainer, _ = build_trainer(cfg, init_distributed(cfg.parallel))
     engine = trainer.engine
-    probe = trainer.validation.sequences[:2].to(trainer.dist.device)
+    # the same probe on every rank (a rank's validation share may be empty)
+    probe = torch.randint(0, 1000, (2, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    probe = probe.to(trainer.dist.device)
     deepspeed = cfg.parallel.engine == "deepspeed"
     result = {"losses": [], "restarts": []}
 

@@ -89,7 +89,7 @@ def test_unusable_data_fails_before_the_run_directory(shared_data, tmp_path, cas
         needles = ["data.train_glob", "no usable document", "bad_json"]
     else:
         data = data_folder(tmp_path / "data", shared_data, validation=BAD_LINES)
-        needles = ["validation split holds 0 tokens"]
+        needles = ["validation split holds fewer tokens than one sequence", "data.seq_len=32"]
     run_dir = tmp_path / "run"
     proc = launch(tiny_overrides(shared_data, run_dir, f"data.local_dir={data}"), check=False)
     assert_refused(proc, *needles)

@@ -233,6 +233,7 @@ def partition_meta_parameters(model: nn.Module, device: torch.device, config: di
 def _safe_globals() -> list:
     """Non-tensor types DeepSpeed pickles into its checkpoints: an enum, a fragment address (a
     named tuple) and its loss scaler (plain attributes)."""
+    require_deepspeed()  # imported quietly: its import prints to stdout, where the tools print results
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
