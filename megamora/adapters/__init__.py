@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,19 @@ __all__ = [
 ]
 
 ADAPTER_TYPES = (LoRALinear, MoRALinear)
+
+# adapter.kind -> "module:class": the one place that lists the kinds (as ENGINES does for engines).
+ADAPTERS = {
+    "lora": "megamora.adapters.lora:LoRALinear",
+    "mora": "megamora.adapters.mora:MoRALinear",
+}
+
+
+def adapter_class(kind: str) -> type:
+    if kind not in ADAPTERS:
+        raise ValueError(f"adapter.kind={kind!r} is not one of {['none', *ADAPTERS]}")
+    module, cls = ADAPTERS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def iter_adapters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 
 class AdapterLinear(nn.Module):
+    # How reports name and colour a run of this kind, without and with ReLoRA-style restarts, and
+    # whether Figure 5 counts it with the high-rank family (MoRA) or the low-rank one (LoRA).
+    kind: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    restart_label: ClassVar[str] = ""
+    colour: ClassVar[str] = "#2ca02c"
+    restart_colour: ClassVar[str] = "#2ca02c"
+    high_rank: ClassVar[bool] = False
+
     def __init__(self, base: nn.Linear, dropout: float):
         super().__init__()
         if not isinstance(base, nn.Linear):

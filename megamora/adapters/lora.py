@@ -18,6 +18,8 @@ from megamora.model import InitFn, kaiming_uniform_init, zeros_init
 class LoRALinear(AdapterLinear):
     """A frozen nn.Linear (`base`) plus `lora_A` (r, in) and `lora_B` (out, r), scaled by alpha / r."""
 
+    kind, label, restart_label = "lora", "LoRA", "ReLoRA"
+    colour, restart_colour = "#6baed6", "#08519c"  # the LoRA family in blues
     param_init: ClassVar[dict[str, InitFn]] = {"lora_A": kaiming_uniform_init, "lora_B": zeros_init}
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):

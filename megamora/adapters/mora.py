@@ -496,6 +496,9 @@ def _shared_backward_all(ctx, g, xc, M, weight, x):
 class MoRALinear(AdapterLinear):
     """A frozen nn.Linear (`base`) plus MoRA's square matrix `M` (r_hat x r_hat, zero at start)."""
 
+    kind, label, restart_label = "mora", "MoRA", "ReMoRA"
+    colour, restart_colour = "#fb6a4a", "#a50f15"  # the MoRA family in reds
+    high_rank = True
     param_init: ClassVar[dict[str, InitFn]] = {"M": zeros_init}
 
     def __init__(self, base: nn.Linear, r: int, mora_type: int | str = 1, dropout: float = 0.0,
