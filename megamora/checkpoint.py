@@ -264,19 +264,19 @@ def check_warm_start(path: str | Path, model_cfg: "ModelConfig") -> Path:
 def load_base_weights(path: str | Path, model: nn.Module) -> None:
     """Load a full-rank checkpoint's weights, or a Hugging Face LlamaForCausalLM folder's (see
     resolve_warm_start), into `model` (plain or sharded), whose targeted layers may be wrapped by
-    adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own initial values.
-    An FSDP2 checkpoint or a folder loads straight into the model's own (sharded) tensors: no rank
+    adapters (`q_proj.base.weight` <- `q_proj.weight`); the adapters keep their own initial values,
+    but for those that follow the base weight (DoRA's magnitude: `init_from_base`). An FSDP2 checkpoint or a folder loads straight into the model's own (sharded) tensors: no rank
     holds a second, full copy of the model."""
     from megamora.hf import is_hf_folder, load_hf_weights, read_hf_folder
 
+    targets = adapters.base_parameters(model)
     if is_hf_folder(path):
         load_hf_weights(read_hf_folder(path), model)
-        return
-    targets = adapters.base_parameters(model)
-    if saved_engine(path) == "fsdp2" and all(dcp_loadable(p) for p in targets.values()):
+    elif saved_engine(path) == "fsdp2" and all(dcp_loadable(p) for p in targets.values()):
         _load_dcp_base_weights(Path(path), model, targets)
-        return
-    _load_through_full_copy(path, model, targets)  # a DeepSpeed checkpoint, or ZeRO-partitioned parameters
+    else:
+        _load_through_full_copy(path, model, targets)  # a DeepSpeed checkpoint, or ZeRO-partitioned parameters
+    adapters.init_from_base(model)
 
 
 def _load_dcp_base_weights(path: Path, model: nn.Module, targets: dict[str, torch.Tensor]) -> None:

@@ -54,7 +54,7 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    kind: str = "none"  # none | lora | mora
+    kind: str = "none"  # none, or a kind of megamora.adapters.ADAPTERS: lora | mora | lora_plus | asylora | dora
     r: int = 128
     alpha: float = 64.0  # LoRA only; MoRA has no scaling (method-facts)
     dropout: float = 0.05
@@ -63,6 +63,9 @@ class AdapterConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # Options of one kind, prefixed with it (validated by the kind's check_config).
+    loraplus_lr_ratio: float = 4.0  # lora_plus: B's LR / A's (lambda; the MoRA paper searched {2, 4})
+    dora_detach_norm: bool = True  # dora: no gradient through ||W + s B A|| (DoRA Sec. 4.3; PEFT's choice)
     # Parts of the model outside the adapters that keep training (Table 3 trains all three).
     train_embeddings: bool = True
     train_head: bool = True
@@ -203,7 +206,6 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "adapter.kind": ("none", "lora", "mora"),
     "adapter.r_hat_rule": ("round", "floor"),
     "restarts.optimizer_reset": ("delete", "random_prune", "magnitude_prune"),
     "restarts.lr": ("restart_warmup", "jagged_cosine"),
@@ -329,6 +331,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _check(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     a = cfg.adapter
+    _check_adapter_kind(cfg)
     if a.kind != "none":
         _check(a.r > 0, f"adapter.r={a.r} must be positive")
         _check(0 <= a.dropout < 1, f"adapter.dropout={a.dropout} must be in [0, 1)")
@@ -339,12 +342,21 @@ def validate(cfg: TrainConfig) -> None:
     r = cfg.restarts
     _check(r.every >= 0, f"restarts.every={r.every} must be >= 0")
     if r.every:
-        _check(a.kind != "none", "restarts.every needs adapter.kind lora or mora")
+        _check(a.kind != "none", "restarts.every needs an adapter (adapter.kind is none)")
         _check(r.warmup >= 0, f"restarts.warmup={r.warmup} must be >= 0")
         _check(0 <= r.prune_ratio <= 1, f"restarts.prune_ratio={r.prune_ratio} must be in [0, 1]")
         _check(len(r.mora_types) > 0, "restarts.mora_types must not be empty")
-        _check(a.kind != "mora" or mora_type_key(a.mora_type) == mora_type_key(r.mora_types[0]),
-               f"adapter.mora_type={a.mora_type!r} must be the first type of restarts.mora_types={list(r.mora_types)}")
+    if a.kind != "none":
+        from megamora.adapters import adapter_class  # the registry (imports torch: after the plain checks)
+
+        adapter_class(a.kind).check_config(cfg)
+
+
+def _check_adapter_kind(cfg: TrainConfig) -> None:
+    from megamora.adapters import ADAPTERS
+
+    kind = cfg.adapter.kind
+    _check(kind == "none" or kind in ADAPTERS, f"adapter.kind={kind!r} is not one of {['none', *ADAPTERS]}")
 
 
 def _check_mora_types(cfg: TrainConfig) -> None:

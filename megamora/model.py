@@ -189,6 +189,10 @@ def init_weights(model: nn.Module, seed: int, std: float = 0.02, draw: bool = Tr
             done.add(id(param))
             key = f"{mod_name}.{p_name}".replace(".base.", ".")
             seeded_fill_(param, rules.get(p_name, normal_init(std)), seed, key, owner=len(done))
+    if draw:  # values derived from other parameters' (an adapter's that follow its base weight)
+        for module in model.modules():
+            if hasattr(module, "init_from_base"):
+                module.init_from_base()
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "meta") -> Llama:

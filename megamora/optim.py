@@ -39,30 +39,42 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "norm" in name or "embed" in name
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (plain or sharded), in named groups: the adapters' own
-    (weight-decayed; a restart resets its step count, which DeepSpeed keeps per group), the other
-    decayed parameters, and the no-decay ones. Empty groups are left out."""
-    from megamora.adapters import iter_adapters
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The trainable parameters (plain or sharded) in named groups: each adapter group its kind asks
+    for (`optim_group`: "adapters" unless a kind says otherwise, e.g. LoRA+'s B at lambda x lr; a
+    restart resets their step count, which DeepSpeed keeps per group), then the other decayed
+    parameters, and the no-decay ones. Empty groups are left out. A group whose LR differs from
+    optim.lr carries `lr_scale` (the schedule multiplies it: megamora.engines.base.Engine.set_lr)."""
+    from megamora.adapters import adapter_optim_groups
 
-    adapter_ids = {id(p) for _, layer in iter_adapters(model)
-                   for name, p in layer.named_parameters() if not name.startswith("base.")}
-    adapters, decay, no_decay = [], [], []
+    adapter_groups = adapter_optim_groups(model)
+    by_group: dict = {}
+    decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if id(param) in adapter_ids:
-            adapters.append(param)
+        if id(param) in adapter_groups:
+            by_group.setdefault(adapter_groups[id(param)], []).append(param)
         else:
             (no_decay if _no_decay(name, param) else decay).append(param)
-    if not (adapters or decay or no_decay):
+    if not (by_group or decay or no_decay):
         raise ValueError("build_optimizer: the model has no parameter with requires_grad=True")
-    groups = [g for g in ({"name": "adapters", "params": adapters, "weight_decay": cfg.weight_decay},
-                          {"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
-                          {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = []
+    for spec, params in by_group.items():
+        group = {"name": spec.name, "params": params, "weight_decay": cfg.weight_decay * spec.weight_decay_scale}
+        if spec.lr_scale != 1.0:  # only then: groups (and checkpoints) of other runs stay as they were
+            group |= {"lr": cfg.lr * spec.lr_scale, "lr_scale": spec.lr_scale}
+        groups.append(group)
+    groups += [g for g in ({"name": "decay", "params": decay, "weight_decay": cfg.weight_decay},
+                           {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, cfg)`."""
     # The fused kernel (CUDA and CPU) reads and writes each state tensor once; the multi-tensor path
     # makes about ten passes (7x slower on CPU for 20M parameters). Both accept DTensor parameters.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,11 +74,10 @@ class AdapterModule:
     """One adapted module type (q_proj, ...) across all layers."""
 
     name: str
-    kind: str  # lora | mora
+    kind: str  # adapter.kind
     layers: int  # how many layers adapt this module type
     params: int  # adapter parameters of this type, all layers together
-    size: int | list[int]  # LoRA r or MoRA r_hat (a list only if layers differ)
-    mora_type: str | list[str] | None = None
+    sizes: dict  # what the kind describes ({"r": 8}; MoRA {"r_hat": 115, "type": "1"}); lists where layers differ
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def engine_mode(engine: str, zero_stage: int, distributed: bool) -> Mode:
 
 def count_params(cfg: TrainConfig) -> ParamCounts:
     """Build the model with its adapters on the meta device (no memory, no init) and count."""
-    from megamora.adapters import LoRALinear, apply_adapters, iter_adapters
+    from megamora.adapters import apply_adapters, iter_adapters
     from megamora.model import build_model, count_parameters
 
     model = build_model(cfg.model, device="meta")
@@ -170,7 +169,7 @@ def count_params(cfg: TrainConfig) -> ParamCounts:
     by_type: dict[str, list] = {}
     for name, layer in iter_adapters(model):
         by_type.setdefault(name.rsplit(".", 1)[-1], []).append(layer)
-    modules = [_adapter_module(short, layers, LoRALinear) for short, layers in by_type.items()]
+    modules = [_adapter_module(short, layers) for short, layers in by_type.items()]
     return ParamCounts(
         total=summary["total_params"],
         trainable=summary["trainable_params"],
@@ -182,20 +181,18 @@ def count_params(cfg: TrainConfig) -> ParamCounts:
     )
 
 
-def _adapter_module(short: str, layers: list, lora_type: type) -> AdapterModule:
+def _adapter_module(short: str, layers: list) -> AdapterModule:
     def one_or_all(values):
         values = sorted(set(values))
         return values[0] if len(values) == 1 else values
 
-    lora = isinstance(layers[0], lora_type)
-    params = sum(p.numel() for layer in layers for n, p in layer.named_parameters() if not n.startswith("base."))
+    described = [layer.describe() for layer in layers]
     return AdapterModule(
         name=short,
-        kind="lora" if lora else "mora",
+        kind=layers[0].kind,
         layers=len(layers),
-        params=params,
-        size=one_or_all(layer.r if lora else layer.r_hat for layer in layers),
-        mora_type=None if lora else one_or_all(layer.mora_type for layer in layers),
+        params=sum(p.numel() for layer in layers for _, p in layer.own_parameters()),
+        sizes={key: one_or_all(d[key] for d in described) for key in described[0]},
     )
 
 
@@ -226,18 +223,7 @@ def _trains(module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
 
-def adapter_flops(layer, input_grad: bool) -> int:
-    """An adapter's own GEMMs per token: forward, its parameters' gradients, its input's gradient."""
-    from megamora.adapters import LoRALinear
-
-    if isinstance(layer, LoRALinear):  # x A^T, then h B^T; grads of B, h and A; then x's
-        n_in, n_out, r = layer.in_features, layer.out_features, layer.r
-        return 2 * r * (n_in + n_out) + 2 * r * (2 * n_out + n_in) + (2 * r * n_in if input_grad else 0)
-    geo = layer.geometry  # MoRA: M (r_hat x r_hat) on each of `chunks` compressed vectors (1 if shared)
-    return 2 * geo.chunks * layer.r_hat**2 * (2 + input_grad)
-
-
-def linear_flops(layer, input_grad: bool) -> tuple[int, int, bool]:
+def linear_flops(layer, input_grad: bool, tokens: int) -> tuple[int, int, bool]:
     """(base, adapter) FLOPs per token of one linear layer, plain or adapted, and whether its output
     needs a gradient (its input does, or something in it trains)."""
     from megamora.adapters.base import AdapterLinear
@@ -245,11 +231,11 @@ def linear_flops(layer, input_grad: bool) -> tuple[int, int, bool]:
     base = layer.base if isinstance(layer, AdapterLinear) else layer
     n = base.in_features * base.out_features
     base_flops = 2 * n * (1 + input_grad + base.weight.requires_grad)
-    extra = adapter_flops(layer, input_grad) if base is not layer else 0
+    extra = layer.flops_per_token(input_grad, tokens) if base is not layer else 0
     return base_flops, extra, input_grad or _trains(layer)
 
 
-def block_flops(block, seq_len: int, input_grad: bool) -> tuple[StepFlops, bool]:
+def block_flops(block, seq_len: int, input_grad: bool, tokens: int | None = None) -> tuple[StepFlops, bool]:
     """One transformer block, following which activations need a gradient; returns whether its output does."""
     base = extra = 0
 
@@ -257,7 +243,7 @@ def block_flops(block, seq_len: int, input_grad: bool) -> tuple[StepFlops, bool]
         nonlocal base, extra
         out = False
         for layer in layers:
-            b, e, g = linear_flops(layer, grad_in)
+            b, e, g = linear_flops(layer, grad_in, tokens or seq_len)
             base, extra, out = base + b, extra + e, out or g
         return out
 
@@ -270,12 +256,12 @@ def block_flops(block, seq_len: int, input_grad: bool) -> tuple[StepFlops, bool]
     return StepFlops(base, extra, attention), out_grad
 
 
-def model_flops(model, seq_len: int) -> StepFlops:
+def model_flops(model, seq_len: int, tokens: int | None = None) -> StepFlops:
     """FLOPs per token of a training step of `model` (any device, meta included) at this sequence length."""
     base = extra = attention = 0.0
     grad = model.embed_tokens.weight.requires_grad
     for block in model.layers:
-        f, grad = block_flops(block, seq_len, grad)
+        f, grad = block_flops(block, seq_len, grad, tokens)
         base, extra, attention = base + f.base, extra + f.adapters, attention + f.attention
     head = model.lm_head
     head_flops = 2 * head.in_features * head.out_features * (
@@ -293,7 +279,7 @@ def step_flops(cfg: TrainConfig) -> StepFlops:
         apply_adapters(model, cfg.adapter)
     except ValueError as e:
         raise ConfigError(str(e).splitlines()[0]) from e
-    return model_flops(model, cfg.data.seq_len)
+    return model_flops(model, cfg.data.seq_len, cfg.micro_batch_size * cfg.data.seq_len)
 
 
 def flops_per_token(cfg: TrainConfig) -> float:
@@ -449,7 +435,7 @@ def _gib(n: int) -> str:
 
 
 def _adapter_line(mod: AdapterModule) -> str:
-    size = f"r={mod.size}" if mod.kind == "lora" else f"r_hat={mod.size} type={mod.mora_type}"
+    size = " ".join(f"{k}={v}" for k, v in mod.sizes.items())
     return f"  {mod.name:<24}{mod.kind} {size}, {mod.layers} layers, {mod.params:,} params"
 
 

@@ -99,31 +99,21 @@ def eval_tokens_asked(cfg: TrainConfig) -> int:
 
 def check_adapters(cfg: TrainConfig) -> None:
     """One-line ValueError for adapters this model cannot take: one larger than the weight it adapts
-    (no saving over full-rank training, and a huge r runs for minutes before anyone notices), or a
-    ReMoRA cycle whose types change r_hat (M keeps its shape across restarts: MoRALinear._check_switch).
+    (no saving over full-rank training, and a huge r runs for minutes before anyone notices), or
+    restarts a layer cannot go through (a ReMoRA cycle whose types change r_hat: `check_restarts`).
     Built on the meta device: no memory, no init."""
     if cfg.adapter.kind == "none":
         return
     model = build_model(cfg.model, device="meta")
     adapters.apply_adapters(model, cfg.adapter)
-    cycle = cfg.restarts.mora_types if cfg.restarts.every else []
     for name, layer in adapters.iter_adapters(model):  # every layer: shapes differ by module type
         n_in, n_out = layer.in_features, layer.out_features
-        where = f"{name} ({n_in} -> {n_out}: {n_in * n_out} weights)"
-        if isinstance(layer, adapters.MoRALinear):
-            size, what = layer.r_hat**2, f"MoRA's M ({layer.r_hat} x {layer.r_hat})"
-        else:
-            size, what = layer.r * (n_in + n_out), "LoRA's A and B (r x (in + out))"
+        size = sum(p.numel() for _, p in layer.own_parameters())
         if size > n_in * n_out:
-            raise ValueError(f"adapter.r={cfg.adapter.r}: {what} would hold {size} parameters on {where}, "
-                             "more than the weight it adapts")
-        for t in cycle if isinstance(layer, adapters.MoRALinear) else ():
-            r_hat = adapters.mora_r_hat(n_in, n_out, layer.r, layer.r_hat_rule, t)
-            if r_hat != layer.r_hat:
-                raise ValueError(
-                    f"restarts.mora_types={list(cycle)}: type {t} has r_hat {r_hat} on {name} ({n_in} -> {n_out}), "
-                    f"adapter.mora_type={cfg.adapter.mora_type} has {layer.r_hat}; a restart cannot change r_hat "
-                    "(rotation and decouple round it down to even): pick another adapter.r or cycle")
+            raise ValueError(f"adapter.r={cfg.adapter.r}: {layer.size_description()} would hold {size} parameters on "
+                             f"{name} ({n_in} -> {n_out}: {n_in * n_out} weights), more than the weight it adapts")
+        if cfg.restarts.every:
+            layer.check_restarts(cfg.restarts, name)
 
 
 # What a resume may not change: what the checkpoint's weights, operator types and reader positions

@@ -45,13 +45,13 @@ def test_counts_match_hand_and_real_model(kind, adapter):
     real = apply_adapters(build_model(cfg.model, device="cpu"), cfg.adapter)
     assert (counts.total, counts.trainable, counts.adapter) == (
         real["total_params"], real["trainable_params"], real["adapter_params"])
-    sizes = {m.name: m.size for m in counts.modules}
+    sizes = {m.name: m.sizes["r" if kind == "lora" else "r_hat"] for m in counts.modules}
     if kind == "lora":
         assert sizes == real["lora_r"] == {n: 4 for n in sizes}
     else:
         assert sizes == real["mora_r_hat"] == {"q_proj": 16, "k_proj": 16, "v_proj": 16, "o_proj": 16,
                                                "gate_proj": 20, "up_proj": 20, "down_proj": 20}
-        assert {m.name: m.mora_type for m in counts.modules} == real["mora_type"]
+        assert {m.name: m.sizes["type"] for m in counts.modules} == real["mora_type"]
     assert sum(m.params for m in counts.modules) == adapter and all(m.layers == 2 for m in counts.modules)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megamora.adapters import MoRALinear, apply_adapters, iter_adapters
+from megamora.adapters.mora import type_after
 from megamora.analysis import delta_weights, module_type, rank_of
 from megamora.config import AdapterConfig, ModelConfig, OptimConfig, RestartConfig, load_config
 from megamora.model import build_model, init_weights, seeded_fill_
@@ -81,7 +82,7 @@ def test_restart_preserves_function_and_resets_only_adapters(kind):
 
 def test_type_cycle_and_count():
     r = restarts_for("mora")
-    assert [r.mora_type_after(k) for k in range(6)] == ["1", "2", "3", "4", "1", "2"]
+    assert [type_after(r.cfg, k) for k in range(6)] == ["1", "2", "3", "4", "1", "2"]
     assert [s for s in range(12) if r.due(s)] == [2, 4, 6, 8]  # never at step 0 or at the end
 
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from megamora.adapters.base import AdapterLinear
+from megamora.config import AdapterConfig, ConfigError, RestartConfig, TrainConfig, mora_type_key
 from megamora.distributed import exact_fp32_matmuls
 from megamora.engines.tensors import add_full_, full_tensor, set_full_
 from megamora.model import InitFn, zeros_init
@@ -198,6 +199,11 @@ MORA_TYPES: dict[str, MoRAOps] = {
     "truncation": MoRAOps("truncation", "fit", "fit"),  # paper Eq. 4
 }
 _ALIASES = {"sharing": "1", "rotation": "6"}
+
+
+def type_after(restarts: RestartConfig, restarts_done: int) -> str:
+    """The operator type of the ReMoRA cycle after `restarts_done` restarts."""
+    return restarts.mora_types[restarts_done % len(restarts.mora_types)]
 
 
 def canonical_mora_type(mora_type: int | str) -> str:
@@ -514,6 +520,17 @@ class MoRALinear(AdapterLinear):
         self.register_buffer("rot_sin", None, persistent=False)
         self.init_buffers()
 
+    @classmethod
+    def from_config(cls, base: nn.Linear, cfg: AdapterConfig) -> MoRALinear:
+        return cls(base, r=cfg.r, mora_type=cfg.mora_type, dropout=cfg.dropout, r_hat_rule=cfg.r_hat_rule)
+
+    @classmethod
+    def check_config(cls, cfg: TrainConfig) -> None:
+        a, r = cfg.adapter, cfg.restarts
+        if r.every and mora_type_key(a.mora_type) != mora_type_key(r.mora_types[0]):
+            raise ConfigError(f"adapter.mora_type={a.mora_type!r} must be the first type of "
+                              f"restarts.mora_types={list(r.mora_types)}")
+
     @property
     def geometry(self) -> _Geometry:
         return _Geometry(self.in_features, self.out_features, self.r_hat, MORA_TYPES[self.mora_type])
@@ -573,18 +590,48 @@ class MoRALinear(AdapterLinear):
         return new
 
     @torch.no_grad()
-    def merge_and_reinit(self, next_type: int | str | None = None, seed: int = 0, key: str = "") -> None:
-        """Fold the exact dW into the frozen base weight, zero M and (optionally) switch type.
+    def merge_and_reinit(self, next_type: int | str | None = None, seed: int = 0, key: str = "",
+                         restart: int = 1, restarts: RestartConfig | None = None) -> None:
+        """Fold the exact dW into the frozen base weight, zero M and (optionally) switch type: `next_type`,
+        or with `restarts` the type restart number `restart` moves to in its cycle (ReMoRA).
         Works on sharded parameters (any engine) outside forward; every rank must call it. A switch that
         would change r_hat (to or from rotation / decouple when the rounded r_hat is odd) raises a
         ValueError before anything changes; the ReMoRA cycle 1-2-3-4 never changes it. `seed` and
         `key` are accepted for symmetry with LoRALinear (M restarts at zero, nothing is drawn)."""
+        if restarts is not None:
+            next_type = type_after(restarts, restart)
         if next_type is not None:  # validate before touching any weight
             self._check_switch(next_type)
         add_full_(self.base.weight, self.delta_weight())
         set_full_(self.M, torch.zeros(self.r_hat, self.r_hat))
         if next_type is not None:
             self.set_type(next_type)
+
+    def restore_restarts(self, restarts_done: int, restarts: RestartConfig) -> None:
+        self.set_type(type_after(restarts, restarts_done))
+
+    def restart_event(self, restarts: RestartConfig, restart: int) -> dict:
+        return {"mora_type": type_after(restarts, restart)}
+
+    def check_restarts(self, restarts: RestartConfig, name: str) -> None:
+        n_in, n_out = self.in_features, self.out_features
+        for t in restarts.mora_types:
+            r_hat = mora_r_hat(n_in, n_out, self.r, self.r_hat_rule, t)
+            if r_hat != self.r_hat:
+                raise ValueError(
+                    f"restarts.mora_types={list(restarts.mora_types)}: type {t} has r_hat {r_hat} on {name} "
+                    f"({n_in} -> {n_out}), adapter.mora_type={self.mora_type} has {self.r_hat}; a restart cannot "
+                    "change r_hat (rotation and decouple round it down to even): pick another adapter.r or cycle")
+
+    def describe(self) -> dict:
+        return {"r_hat": self.r_hat, "type": self.mora_type}
+
+    def flops_per_token(self, input_grad: bool, tokens: int) -> int:
+        # M (r_hat x r_hat) on each of `chunks` compressed vectors (1 if shared): forward, grad of M, of x
+        return 2 * self.geometry.chunks * self.r_hat**2 * (2 + input_grad)
+
+    def size_description(self) -> str:
+        return f"MoRA's M ({self.r_hat} x {self.r_hat})"
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, r_hat={self.r_hat}, "

@@ -85,8 +85,8 @@ class Engine(ABC):
         destroy_distributed()
 
     def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # lr_scale: a group at a multiple of the LR (LoRA+'s B)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
