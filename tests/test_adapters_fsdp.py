@@ -17,7 +17,8 @@ from spawn_ranks import spawn_ranks
 WORLD = 2
 # ffn 72 with r = 5 gives r_hat 23 (gate/up/down): odd, so M is sharded unevenly over 2 ranks.
 MODEL = ModelConfig(dim=32, ffn_dim=72, n_layers=2, n_heads=4, vocab_size=97)
-CASES = [("mora", "1", "2"), ("mora", "6", None), ("mora", "4", "1"), ("lora", None, None)]
+CASES = [("mora", "1", "2"), ("mora", "6", None), ("mora", "4", "1"), ("lora", None, None), ("lora_plus", None, None),
+         ("asylora", None, None), ("dora", None, None)]
 
 
 def build(kind: str, mora_type: str | None, shard: bool):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megamora.adapters import MoRALinear, apply_adapters, iter_adapters
+from megamora.adapters import ADAPTERS, MoRALinear, apply_adapters, iter_adapters
 from megamora.adapters.mora import type_after
 from megamora.analysis import delta_weights, module_type, rank_of
 from megamora.config import AdapterConfig, ModelConfig, OptimConfig, RestartConfig, load_config
@@ -54,7 +54,7 @@ def restarts_for(kind: str, reset: str = "delete") -> Restarts:
     return Restarts(cfg, AdapterConfig(kind=kind, mora_type="1"), seed=0, total_steps=10)
 
 
-@pytest.mark.parametrize("kind", ["lora", "mora"])
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
 def test_restart_preserves_function_and_resets_only_adapters(kind):
     model = adapted_model(kind)
     opt = train_two_steps(model)
@@ -123,7 +123,7 @@ def _sharded_restart_worker(rank, world, init_file, out_file, kind):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["lora", "mora"])
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
 def test_sharded_restart_equals_unsharded(tmp_path, kind):
     out = tmp_path / "out.pt"
     spawn_ranks(_sharded_restart_worker, 2, str(tmp_path / "pg"), str(out), kind, nprocs=2)

@@ -88,14 +88,14 @@ class DoRALinear(LoRALinear):
         super().merge_and_reinit(seed, key, restart, restarts)
         self.init_from_base()
 
-    def flops_per_token(self, input_grad: bool, tokens: int) -> int:
+    def flops_per_token(self, input_grad: bool, tokens: int) -> float:
         n_in, n_out, r = self.in_features, self.out_features, self.r
         per_forward = 2 * n_out * r * n_in  # B A, for the norm
         if not self.detach_norm:  # its gradient: into B and into A
             per_forward *= 3
         dropout = not isinstance(self.dropout, nn.Identity)  # PEFT's form: W x_d once more, and its x grad
         extra = 2 * n_in * n_out * (1 + input_grad) if dropout else 0
-        return super().flops_per_token(input_grad, tokens) + extra + per_forward // tokens
+        return super().flops_per_token(input_grad, tokens) + extra + per_forward / tokens
 
     def size_description(self) -> str:
         return f"{self.label}'s A, B and m (r x (in + out) + out)"
