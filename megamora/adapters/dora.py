@@ -70,7 +70,8 @@ class DoRALinear(LoRALinear):
             y = (F.linear(x, weight) + self.scale * lora) * ratio.to(lora.dtype)
             return y + bias if bias is not None else y
         ratio = ratio.to(lora.dtype)
-        return self.base(x) + (ratio - 1) * F.linear(xd, weight) + ratio * (self.scale * lora)
+        # F.linear, not self.base(x): ZeRO-3 would free the gathered weight after base's own forward
+        return F.linear(x, weight, bias) + (ratio - 1) * F.linear(xd, weight) + ratio * (self.scale * lora)
 
     @torch.no_grad()
     @exact_fp32_matmuls()
