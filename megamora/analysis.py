@@ -1,4 +1,5 @@
-"""The accumulated update dW = W_now - W_init of each projection, and its spectrum (Figure 5).
+"""The accumulated update dW = W_now - W_init of each projection, and its spectrum (Figure 5); of
+state dicts, or of a run directory's checkpoint (run_deltas, run_singular_value_counts).
 
 Keys follow the plain model's naming ("layers.{i}.self_attn.q_proj.weight"); an adapted layer's
 wrapped weight ("...q_proj.base.weight") maps to the same name, so full-rank, LoRA and MoRA runs
@@ -8,11 +9,13 @@ compare directly. For un-merged adapter runs, merge the adapters into the base w
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from megamora.engines.tensors import full_tensor
+from megamora.export import find_checkpoint, initial_weights, load_merged_model
 
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PROJ_WEIGHT = re.compile(r"(?:^|\.)(" + "|".join(MODULE_TYPES) + r")\.weight$")
@@ -88,3 +91,31 @@ def singular_value_counts(deltas: dict[str, Tensor], threshold: float = 0.1) -> 
             raise ValueError(f"singular_value_counts: {name!r} is not a projection weight ({', '.join(MODULE_TYPES)})")
         counts.setdefault(kind, []).append(count_above(dw, threshold))
     return {kind: sum(counts[kind]) / len(counts[kind]) for kind in MODULE_TYPES if kind in counts}
+
+
+def numerical_ranks(deltas: dict[str, Tensor]) -> dict[str, float]:
+    """Per module type: the mean over layers of the numerical rank of dW (rank_of)."""
+    ranks: dict[str, list[int]] = {}
+    for name, dw in deltas.items():
+        ranks.setdefault(module_type(name), []).append(rank_of(dw))
+    return {kind: sum(v) / len(v) for kind, v in ranks.items()}
+
+
+# --------------------------------------------------------------------------- of a run directory
+
+
+@torch.no_grad()
+def run_deltas(run_dir: str | Path, checkpoint: str | Path | None = None,
+               device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """dW = W_final (adapters merged) - W_init of a run's checkpoint (default: the newest), in fp32;
+    W_init is the seeded initialisation, or the warm start's weights."""
+    _, model = load_merged_model(run_dir, find_checkpoint(run_dir, checkpoint))
+    current = {k: v.to(device) for k, v in model.state_dict().items() if module_type(k)}
+    return delta_weights(initial_weights(run_dir), current)
+
+
+def run_singular_value_counts(run_dir: str | Path, checkpoint: str | Path | None = None, threshold: float = 0.1,
+                              device: str | torch.device = "cpu") -> dict[str, float]:
+    """Figure 5 for one run: per module type, the mean over layers of the number of singular values
+    above `threshold` of its dW."""
+    return singular_value_counts(run_deltas(run_dir, checkpoint, device), threshold)

@@ -1,4 +1,5 @@
-"""A run directory -> the trained model as a plain Llama (adapters merged), and its initial weights.
+"""A run directory -> its checkpoint, the trained model as a plain Llama (adapters merged), and its
+initial weights.
 
 This is what the tools build on: merging a checkpoint, dW analysis, perplexity and HF export. Loads
 in one process without a process group, whatever the engine and number of ranks that saved it."""
@@ -15,6 +16,7 @@ from megamora.checkpoint import (
     load_base_weights,
     load_model_weights,
     read_trainer_state,
+    resolve_checkpoint,
     resolve_warm_start,
 )
 from megamora.config import TrainConfig, load_config
@@ -27,6 +29,23 @@ def run_config(run_dir: str | Path) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory: no config.yaml")
     return load_config(path)
+
+
+def find_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """`checkpoint` as given (a checkpoint folder, a run folder, or a name under run_dir/checkpoints),
+    or the newest checkpoint of the run. Raises FileNotFoundError naming what is missing."""
+    run_config(run_dir)  # "not a run directory" comes first
+    if checkpoint is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {Path(run_dir) / 'checkpoints'}")
+        return found
+    path = Path(checkpoint)
+    if not path.exists() and (Path(run_dir) / "checkpoints" / path).exists():
+        path = Path(run_dir) / "checkpoints" / path
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    return resolve_checkpoint(path)
 
 
 def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[TrainConfig, Llama]:

@@ -19,13 +19,28 @@ class Method:
     restarts: bool = False
 
 
+FULL_RANK = Method("Full-rank", FULL_RANK_COLOUR, high_rank=True)  # no adapter: the baseline every method is held to
+
+
 def method_of(cfg: TrainConfig) -> Method:
     """The Table 3 row a run belongs to, from its config alone."""
     if cfg.adapter.kind == "none":
-        return Method("Full-rank", FULL_RANK_COLOUR, high_rank=True)
+        return FULL_RANK
     from megamora.adapters import adapter_class
 
-    cls = adapter_class(cfg.adapter.kind)
-    if cfg.restarts.every:
+    return _adapter_method(adapter_class(cfg.adapter.kind), restarts=bool(cfg.restarts.every))
+
+
+def _adapter_method(cls: type, restarts: bool) -> Method:
+    if restarts:
         return Method(cls.restart_label, cls.restart_colour, cls.high_rank, restarts=True)
     return Method(cls.label, cls.colour, cls.high_rank)
+
+
+def known_methods() -> list[Method]:
+    """Every method a config can name: full rank, then each registered adapter kind without and with
+    restarts (e.g. to tell which method a run's free-text name names)."""
+    from megamora.adapters import ADAPTERS, adapter_class
+
+    return [FULL_RANK, *(_adapter_method(adapter_class(kind), restarts) for kind in ADAPTERS
+                         for restarts in (False, True))]

@@ -24,8 +24,6 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "configs" / "recipes"
 
-# Recipe keys of the paper's rows and the names its tables use; other keys are extra rows.
-PAPER_METHODS = {"full": "Full-rank", "lora": "LoRA", "mora": "MoRA", "relora": "ReLoRA", "remora": "ReMoRA"}
 WARM_START = "warmstart"  # run name prefix of the full-rank warm starts
 # The warm start's own LR warm-up, as a fraction of its steps (the paper's 1000 of 10k).
 WARM_START_WARMUP = 0.1
@@ -153,13 +151,3 @@ def load_recipe(spec: str | Path, directory: Path = RECIPES_DIR) -> Recipe:
                   base=_files(raw.get("base"), f"{path.name}: base", root), warm_start_steps=steps,
                   methods=methods, extra_methods=extra, paper=paper, warm_start_overrides=list(ws_over))
 
-
-def method_label(method: str) -> str:
-    """How tables and legends name a row: the paper's names for its rows; extras after the row they
-    derive from ("mora-type6" -> "MoRA (type6)")."""
-    if method in PAPER_METHODS:
-        return PAPER_METHODS[method]
-    head, sep, rest = method.partition("-")
-    if sep and head in PAPER_METHODS:
-        return f"{PAPER_METHODS[head]} ({rest})"
-    return method

@@ -612,9 +612,9 @@ def held_job(job_ids: Sequence[str], polls: int = 6, every_s: float = 0.5) -> Op
 
 
 def write_report(out: str | Path, threshold: float = 0.1, device: str = "cpu", stream: TextIO = sys.stderr) -> dict:
-    """The comparison over every finished run DIR/recipe.json lists (megamora.comparison); runs not
-    finished yet are named in the report and left out. Returns write_comparison's paths."""
-    from megamora.comparison import collect_run, write_comparison
+    """The report (megamora.report) over every finished run DIR/recipe.json lists; runs not finished
+    yet are named in the report and left out. Returns report.write_report's paths."""
+    from megamora import report
     from megamora.export import run_config
 
     out = Path(out)
@@ -635,11 +635,12 @@ def write_report(out: str | Path, threshold: float = 0.1, device: str = "cpu", s
             missing.append(run_name(method, seed))
             continue
         print(f"report: {run_name(method, seed)}", file=stream, flush=True)
-        result = collect_run(method, seed, run_dir, threshold, device, out / "cache" / f"{run_name(method, seed)}.json",
-                             with_spectrum=method != WARM_START)
+        result = report.collect_run(method, run_dir, threshold=threshold, device=device,
+                                    cache=out / "cache" / f"{run_name(method, seed)}.json",
+                                    with_spectrum=method != WARM_START)
         (warm if method == WARM_START else results).append(result)
     if not results:
         raise ReproduceError(f"{out}: no finished run to report on yet")
-    return write_comparison(results, out, recipe=record["recipe"], methods=methods, seeds=seeds,
-                            paper=record.get("paper"), warm=warm, missing=missing, threshold=threshold,
-                            description=record.get("description", ""))
+    return report.write_report(results, out, recipe=record["recipe"], methods=methods, seeds=seeds,
+                               paper=record.get("paper"), warm=warm, missing=missing, threshold=threshold,
+                               description=record.get("description", ""))

@@ -82,7 +82,7 @@ def eval_ppl(capsys, *argv) -> tuple[int, dict | str]:
 
 
 def test_eval_hf_folder_equals_the_runs_eval(setup, capsys):
-    from megamora.report import evaluate_run
+    from megamora.evaluate import evaluate_run
 
     run = evaluate_run(setup["full"], device="cpu")
     rc, hf = eval_ppl(capsys, setup["hf"], *setup["data"], f"data.tokenizer={setup['tokenizer']}", "data.seq_len=32",
@@ -173,7 +173,8 @@ def test_warm_start_from_hf_folder(setup, shared_data):
     """A MoRA run warm-started from the exported folder is the run warm-started from the run itself:
     same W_init, same losses; and the report tools read it (W_init is the folder's weights)."""
     from megamora.export import initial_weights, load_merged_model
-    from megamora.report import run_singular_value_counts, summarize_run
+    from megamora.analysis import run_singular_value_counts
+    from megamora.report import collect_run
     from megamora.run import pretrain
 
     mora = ("adapter.kind=mora", "adapter.r=4", "steps=2")
@@ -189,8 +190,8 @@ def test_warm_start_from_hf_folder(setup, shared_data):
         assert torch.equal(w_init[k], v), k
     counts = run_singular_value_counts(from_hf.run_dir, threshold=1e-4)
     assert counts == run_singular_value_counts(from_run.run_dir, threshold=1e-4) and len(counts) == 7
-    summary = summarize_run("mora-hf", from_hf.run_dir)
-    assert (summary.method, summary.step) == ("MoRA", 2)
+    result = collect_run("mora-hf", from_hf.run_dir, threshold=1e-4)
+    assert (result.config_method.label, result.step, result.sv_counts) == ("MoRA", 2, counts)
 
 
 def test_warm_start_mismatch_exits_2_and_writes_nothing(setup):

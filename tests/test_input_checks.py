@@ -166,7 +166,7 @@ def test_eval_tokens_beyond_the_validation_split(shared_data, tmp_path):
     assert "WARNING the validation split holds only" in proc.stderr
     assert f"over {record['tokens']} tokens (the validation split holds fewer than the 100000 asked)" in proc.stdout
 
-    from megamora.report import evaluate_run  # the tools reproduce the short eval, flagged the same way
+    from megamora.evaluate import evaluate_run  # the tools reproduce the short eval, flagged the same way
 
     again = evaluate_run(run_dir)
     assert again["validation_short"] is True and again["tokens"] == record["tokens"]

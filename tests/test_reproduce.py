@@ -19,18 +19,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamora.comparison import (
+from megamora.config import load_config
+from megamora.methods import FULL_RANK, Method, method_of
+from megamora.metrics import read_metrics
+from megamora.recipes import load_recipe
+from megamora.report import (
     Paired,
     RunResult,
+    colours,
+    label_note,
     paired,
+    row_label,
     smooth,
     spread,
     summarize,
+    summarize_rows,
     verdict,
-    write_comparison,
+    write_report,
 )
-from megamora.metrics import read_metrics
-from megamora.recipes import load_recipe
 from megamora.reproduce import Progress, RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,13 +312,23 @@ echo "Submitted batch job $n"
 # --------------------------------------------------------------------------- aggregation, synthetic
 
 
-def result(method: str, seed: int, ppl: float, sv: float) -> RunResult:
+# The recipes' configs of the paper's rows, as method_of reads them (through the adapter registry).
+PAPER_ROWS = {"full": [], "lora": ["adapter.kind=lora"], "mora": ["adapter.kind=mora"],
+              "relora": ["adapter.kind=lora", "restarts.every=75"], "remora": ["adapter.kind=mora", "restarts.every=75"]}
+
+
+def method_of_row(method: str) -> Method:
+    return method_of(load_config(None, ["run_dir=x", *PAPER_ROWS[method.split("-")[0]]]))
+
+
+def result(method: str, seed: int, ppl: float, sv: float, kind: Method | None = None) -> RunResult:
     counts = {k: sv for k in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     steps = list(range(10, 310, 10))
+    kind = kind or method_of_row(method)
     return RunResult(method=method, seed=seed, run_dir=f"runs/{method}-seed{seed}", step=300, perplexity=ppl,
-                     tokens=1000, sv_counts=counts, ranks={k: 2 * v for k, v in counts.items()},
+                     tokens=1000, sv_counts=counts, ranks={k: 2 * v for k, v in counts.items()}, config_method=kind,
                      train=[(s, 8 - s / 100 + 0.1 * seed) for s in steps], evals=[(100, ppl * 2), (300, ppl)],
-                     restarts=[75, 150, 225] if method.startswith("re") else [])
+                     restarts=[75, 150, 225] if kind.restarts else [])
 
 
 def synthetic() -> list[RunResult]:
@@ -331,10 +347,11 @@ def test_spread_and_pairs():
     p = paired(res, "mora", "lora")
     assert p.seeds == [0, 1, 2] and p.n_lower == 3
     assert p.rel[0] == pytest.approx(0.25)
-    assert p.sentence() == "MoRA lower than LoRA on 3/3 seeds, by 11.4-35.6%"
-    assert Paired("mora", "lora", [0, 1], 1, {0: 0.1, 1: -0.05}).sentence() == \
+    assert p.sentence("MoRA", "LoRA") == "MoRA lower than LoRA on 3/3 seeds, by 11.4-35.6%"
+    assert Paired("mora", "lora", [0, 1], 1, {0: 0.1, 1: -0.05}).sentence("MoRA", "LoRA") == \
         "MoRA lower than LoRA on 1/2 seeds (relative difference -5.0 to +10.0%, positive where MoRA is lower)"
-    assert Paired("remora", "mora", [0], 0, {0: -0.02}).sentence() == "ReMoRA higher than MoRA on 1/1 seeds, by 2.0%"
+    assert Paired("remora", "mora", [0], 0, {0: -0.02}).sentence("ReMoRA", "MoRA") == \
+        "ReMoRA higher than MoRA on 1/1 seeds, by 2.0%"
     s = summarize(res, "lora", "250m")
     assert s.perplexity.mean == 800 and s.perplexity.sd == pytest.approx(100) and s.paper == 33.40
     assert s.per_seed == {0: 800, 1: 700, 2: 900} and s.sv_mean_per_seed == {0: 3, 1: 4, 2: 5}
@@ -369,19 +386,91 @@ def test_verdicts_from_the_numbers():
 
 def test_report_on_synthetic_runs(tmp_path):
     res = synthetic()
-    warm = [RunResult("warmstart", s, f"w{s}", 200, 900.0, 1000, {}, {},
+    warm = [RunResult("warmstart", s, f"w{s}", 200, 900.0, 1000, {}, {}, FULL_RANK,
                       train=[(x, 9 - x / 50) for x in range(10, 210, 10)], evals=[(100, 2000.0), (200, 900.0)])
             for s in range(3)]
-    paths = write_comparison(res, tmp_path, recipe="synthetic", methods=["lora", "mora", "relora", "remora"],
-                             seeds=[0, 1, 2], paper="1b", warm=warm, missing=["full-seed0"])
+    paths = write_report(res, tmp_path, recipe="synthetic", methods=["lora", "mora", "relora", "remora"],
+                         seeds=[0, 1, 2], paper="1b", warm=warm, missing=["full-seed0"])
     report = paths["report"].read_text()
     assert "| LoRA | 3 | 1000 | 800.00 ± 100.00 | 700.00-900.00 | 800.00 | 700.00 | 900.00 | 28.56 |" in report
     assert "Not finished (left out): full-seed0." in report
     data = json.loads(paths["results"].read_text())
     assert data["verdict"]["perplexity_agrees"] is True and data["summary"]["mora"]["paper"] == 25.25
     assert paths["figure4"].stat().st_size > 10_000 and paths["figure5"].stat().st_size > 10_000
+    assert "dotted lines: ReLoRA / ReMoRA merges" in report
+    assert data["runs"][0]["config_method"] == "LoRA" and data["warm_starts"][0]["config_method"] == "Full-rank"
     with pytest.raises(ValueError):
-        write_comparison([], tmp_path, recipe="x", methods=["lora"], seeds=[0])
+        write_report([], tmp_path / "none", recipe="x", methods=["lora"], seeds=[0])
+    assert not (tmp_path / "none").exists()
+
+
+def test_rows_are_labelled_and_coloured_through_the_method_registry():
+    """The recipes' rows keep the labels and colours they had when a table named the recipe keys."""
+    expected = {"full": "Full-rank", "lora": "LoRA", "mora": "MoRA", "relora": "ReLoRA", "remora": "ReMoRA",
+                "mora-type6": "MoRA (type6)", "mora-decouple": "MoRA (decouple)",
+                "mora-truncation": "MoRA (truncation)"}
+    for name in ("cpu", "table3-250m", "table3-1b"):
+        recipe = load_recipe(name)
+        for key in recipe.all_methods:
+            method = method_of(load_config(recipe.method_files(key), ["run_dir=x"]))
+            assert row_label(key, method) == expected[key], (name, key)
+    res = [result(m, 0, 500.0, 10.0) for m in ("full", "lora", "mora", "relora", "remora", "mora-type6")]
+    assert colours(summarize_rows(res, [r.method for r in res])) == {
+        "full": "#555555", "lora": "#6baed6", "mora": "#fb6a4a", "relora": "#08519c", "remora": "#a50f15",
+        "mora-type6": "#2ca02c"}  # MoRA's colour is taken: the first extra one
+    lora, mora = method_of_row("lora"), method_of_row("mora")
+    # A name that does not name its config's method: the method first, the name kept beside it.
+    assert (row_label("mora", lora), row_label("lora-r4", mora), row_label("a", lora)) == \
+        ("LoRA (mora)", "MoRA (lora-r4)", "LoRA (a)")
+    assert label_note("mora", "LoRA") == \
+        "'mora' is labelled MoRA but its config.yaml says LoRA: the method column follows config.yaml"
+    assert label_note("full-rank-seed0", "Full-rank") is None and label_note("a", "LoRA") is None
+    twice = summarize_rows([result("lora", 0, 1.0, 1.0), result("lora_b", 0, 2.0, 1.0, lora)], ["lora", "lora_b"])
+    assert [s.label for s in twice.values()] == ["LoRA", "LoRA (lora_b)"]
+
+
+class FakeDoRA:
+    """What a further adapter kind's class declares for reports (as megamora.adapters.base.AdapterLinear)."""
+    kind, label, restart_label = "dora", "DoRA", "ReDoRA"
+    colour, restart_colour = "#123456", "#654321"
+    high_rank = False
+
+
+def test_a_registered_method_appears_in_the_report_with_no_edit(monkeypatch, tmp_path):
+    """A kind registered in the adapter registry (DoRA), and an optimizer-level method as its registry
+    would describe it (GaLore, high rank), get their label, colour and Figure 5 family, no paper number,
+    and stay out of the paper's perplexity chain, with no edit to the report."""
+    from types import SimpleNamespace
+
+    from megamora import adapters
+
+    monkeypatch.setitem(adapters.ADAPTERS, "dora", f"{__name__}:FakeDoRA")
+    # config.py does not know the kind yet: the run's config as method_of reads it
+    dora = method_of(SimpleNamespace(adapter=SimpleNamespace(kind="dora"), restarts=SimpleNamespace(every=0)))
+    assert dora == Method("DoRA", "#123456", high_rank=False)
+    galore = Method("GaLore", "#abcdef", high_rank=True)
+    res = [r for r in synthetic() if r.method in ("lora", "mora")]
+    res += [result("dora", s, 650.0 + s, 4.0 + s, dora) for s in range(3)]
+    res += [result("galore", s, 610.0 + s, 60.0 + s, galore) for s in range(3)]
+    methods = ["lora", "mora", "dora", "galore"]
+    rows = summarize_rows(res, methods, "250m")
+    assert [s.label for s in rows.values()] == ["LoRA", "MoRA", "DoRA", "GaLore"]
+    assert colours(rows) == {"lora": "#6baed6", "mora": "#fb6a4a", "dora": "#123456", "galore": "#abcdef"}
+    assert (rows["lora"].paper, rows["dora"].paper, rows["galore"].paper) == (33.40, None, None)
+    v = verdict(rows, res)
+    assert "DoRA" not in " ".join(v.ppl_lines) and "GaLore" not in " ".join(v.ppl_lines)
+    assert v.ppl_lines[0].startswith("Paper (Table 3): MoRA < LoRA.")
+    assert v.sv_lines[0].startswith("MoRA / GaLore have far more singular values > threshold than LoRA / DoRA")
+    assert any(line.startswith("GaLore 61.0 vs DoRA 5.0 singular values") for line in v.sv_lines)
+    paths = write_report(res, tmp_path, methods=methods, paper="250m")
+    report = paths["report"].read_text()
+    assert "| DoRA | 3 | 1000 | 651.00 ± 1.00 | 650.00-652.00 | 650.00 | 651.00 | 652.00 |  |" in report
+    assert "| module | LoRA | MoRA | DoRA | GaLore |" in report and paths["figure5"].is_file()
+    data = json.loads(paths["results"].read_text())
+    assert data["summary"]["dora"]["label"] == "DoRA" and data["summary"]["dora"]["paper"] is None
+    # a run's name that names the new method is checked against its config like any other
+    assert label_note("dora-r8", "LoRA").startswith("'dora-r8' is labelled DoRA but its config.yaml says LoRA")
+    assert label_note("dora-r8", "DoRA") is None
 
 
 def test_recipes_in_the_repo_load():

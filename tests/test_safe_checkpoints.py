@@ -263,7 +263,7 @@ def test_merge_equals_plain_dcp_load(runs, tmp_path):
 
 
 def test_eval_on_good_runs_matches_their_final_eval(runs):
-    from megamora.report import evaluate_run
+    from megamora.evaluate import evaluate_run
 
     for name in ("lora", "deepspeed"):
         record = read_metrics(runs[name], "eval")[-1]
@@ -293,9 +293,9 @@ def test_report_method_comes_from_config_yaml(runs, tmp_path, capsys):
     argv = ["--runs", f"mora={runs['lora']}", f"lora-r4={runs['mora']}", "--no-figure", "--out", str(tmp_path / "r")]
     assert report.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| mora | LoRA |" in out and "| lora-r4 | MoRA |" in out
-    assert "note: run 'mora' is labelled MoRA but its config.yaml says LoRA" in out
-    assert "note: run 'lora-r4' is labelled LoRA but its config.yaml says MoRA" in out
+    assert "| LoRA (mora) | 1 |" in out and "| MoRA (lora-r4) | 1 |" in out
+    assert "note: 'mora' is labelled MoRA but its config.yaml says LoRA" in out
+    assert "note: 'lora-r4' is labelled LoRA but its config.yaml says MoRA" in out
     assert "labelled MoRA but its config.yaml says LoRA" in (tmp_path / "r" / "report.md").read_text()
 
     # config.yaml of another run: refused, whether or not checkpoints are read

@@ -164,7 +164,7 @@ def test_eval_ppl_equals_the_runs_final_eval(runs, cli):
 
 
 def test_evaluate_run_library_path(runs):
-    from megamora.report import evaluate_run
+    from megamora.evaluate import evaluate_run
 
     record = final_eval(runs["mora"])
     result = evaluate_run(runs["mora"], data_overrides=["data.shuffle_buffer=0"])  # validation ignores it
@@ -177,7 +177,7 @@ def test_evaluate_run_library_path(runs):
 
 
 def test_count_singular_values(runs, cli):
-    from megamora.report import run_singular_value_counts
+    from megamora.analysis import run_singular_value_counts
 
     kinds = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     r_hat = read_metrics(runs["mora"], "setup")[0]["mora_r_hat"]
@@ -263,7 +263,8 @@ def test_save_hf_tied_embeddings_and_hub_tokenizer(tmp_path):
 # --------------------------------------------------------------------------- report
 
 
-def test_report_writes_table_and_figure(runs, cli, out_dir):
+def test_report_writes_table_and_figures(runs, cli, out_dir):
+    """tools/report.py is the report over seeds with a row of n = 1 per named run."""
     import matplotlib.image
 
     stdout = ok(cli["report"])
@@ -271,40 +272,49 @@ def test_report_writes_table_and_figure(runs, cli, out_dir):
     text = (report / "report.md").read_text()
     for name, method in (("full", "Full-rank"), ("mora", "MoRA"), ("remora", "ReMoRA")):
         ppl = final_eval(runs[name])["perplexity"]
-        assert f"| {name} | {method} | custom | 4 | 256 | {ppl:.2f} |  |" in text
-        assert f"| {name} |" in stdout
-    assert "| module | full | mora | remora |" in text and "![Figure 5](figure5.png)" in text
+        row = f"| {method} | 1 | 256 | {ppl:.2f} | {ppl:.2f}-{ppl:.2f} | {ppl:.2f} |"
+        assert row in text and row in stdout
+    assert text.startswith("# MoRA pretraining report\n") and "| method | seeds | eval tokens |" in text
+    assert "| module | Full-rank | MoRA | ReMoRA |" in text and "![Figure 5](figure5.png)" in text
+    assert "are not both present: no singular-value comparison" in text  # no low-rank row here
     results = json.loads((report / "results.json").read_text())
-    assert [r["name"] for r in results] == ["full", "mora", "remora"]
-    assert all(len(r["sv_counts"]) == 7 for r in results)
-    image = matplotlib.image.imread(report / "figure5.png")
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert [(r["method"], r["config_method"], r["step"]) for r in results["runs"]] == \
+        [("full", "Full-rank", 4), ("mora", "MoRA", 4), ("remora", "ReMoRA", 4)]
+    assert results["methods"] == ["full", "mora", "remora"] and results["recipe"] is None
+    assert all(len(r["sv_counts"]) == 7 and r["perplexity_source"] == "metrics" for r in results["runs"])
+    for name in ("figure4.png", "figure5.png"):
+        image = matplotlib.image.imread(report / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert f"wrote {name.removesuffix('.png')}: {report / name}" in stdout
 
 
 def test_table3_paper_column_and_methods():
-    from megamora.report import RunSummary, method_of, preset_of, table3_markdown
+    from megamora.methods import method_of
+    from megamora.report import RunResult, paper_perplexity, preset_of, summarize_rows, table3_markdown
 
     def method(*overrides):
         return method_of(load_config(None, ["run_dir=x", *overrides]))
 
-    assert method() == "Full-rank" and method("adapter.kind=lora") == "LoRA" and method("adapter.kind=mora") == "MoRA"
-    assert method("adapter.kind=lora", "restarts.every=2") == "ReLoRA"
-    assert method("adapter.kind=mora", "restarts.every=2") == "ReMoRA"
+    labels = [method(*o).label for o in ([], ["adapter.kind=lora"], ["adapter.kind=mora"],
+                                         ["adapter.kind=lora", "restarts.every=2"],
+                                         ["adapter.kind=mora", "restarts.every=2"])]
+    assert labels == ["Full-rank", "LoRA", "MoRA", "ReLoRA", "ReMoRA"]
     assert preset_of(load_config(None, ["run_dir=x", "model.preset=1b"]).model) == "1b"
     assert preset_of(load_config(None, ["run_dir=x", "model.dim=768", "model.ffn_dim=2560", "model.n_layers=24",
                                         "model.n_heads=16"]).model) == "250m"  # shapes of a preset, unnamed
+    assert (paper_perplexity("ReMoRA", "250m"), paper_perplexity("LoRA", "1b")) == (26.74, 28.56)
+    assert paper_perplexity("MoRA", "60m") is None and paper_perplexity("Full-rank", "250m") is None
 
-    def row(method, preset):
-        from megamora.report import paper_perplexity
+    def run(name, *overrides):
+        return RunResult(name, 0, "d", 10000, 30.0, 1000, {}, {}, method(*overrides))
 
-        return RunSummary("r", "d", method, preset, 10000, 30.0, 1000, "metrics", paper_perplexity(method, preset))
-
-    table = table3_markdown([row("ReMoRA", "250m"), row("LoRA", "1b"), row("MoRA", "60m"), row("Full-rank", "250m")])
-    lines = table.splitlines()[2:]
-    assert lines[0].endswith("| 250M | 10000 | 1000 | 30.00 | 26.74 |")
-    assert lines[1].endswith("| 1.3B | 10000 | 1000 | 30.00 | 28.56 |")
-    assert lines[2].endswith("| 60m | 10000 | 1000 | 30.00 |  |")
-    assert lines[3].endswith("| 30.00 |  |")
+    rows = summarize_rows([run("remora", "adapter.kind=mora", "restarts.every=2"), run("full"),
+                           run("mora-r8", "adapter.kind=mora")], ["remora", "full", "mora-r8"], "250m")
+    lines = table3_markdown(rows, [0]).splitlines()
+    assert lines[0].endswith("| seed 0 | paper (Table 3) |")
+    assert lines[2] == "| ReMoRA | 1 | 1000 | 30.00 | 30.00-30.00 | 30.00 | 26.74 |"
+    assert lines[3] == "| Full-rank | 1 | 1000 | 30.00 | 30.00-30.00 | 30.00 |  |"
+    assert lines[4] == "| MoRA (r8) | 1 | 1000 | 30.00 | 30.00-30.00 | 30.00 |  |"  # a variant: not the paper's row
 
 
 # --------------------------------------------------------------------------- bad input

@@ -20,9 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer file or folder to ship (default: the run's data.tokenizer)")
     args = parser.parse_args(argv)
     try:
-        from megamora.export import load_merged_model, run_config
+        from megamora.export import find_checkpoint, load_merged_model, run_config
         from megamora.hf import local_tokenizer_files, save_hf
-        from megamora.report import find_checkpoint
 
         tokenizer = args.tokenizer or run_config(args.run_dir).data.tokenizer
         tokenizer_files = local_tokenizer_files(tokenizer)  # a missing local file fails before any work

@@ -22,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threshold < 0:
             raise ValueError(f"--threshold {args.threshold} must be >= 0")
-        from megamora.report import find_checkpoint, pick_device, run_singular_value_counts
+        from megamora.analysis import run_singular_value_counts
+        from megamora.evaluate import eval_device
+        from megamora.export import find_checkpoint
 
         ckpt = find_checkpoint(args.run_dir, args.checkpoint)
-        counts = run_singular_value_counts(args.run_dir, ckpt, args.threshold, pick_device(args.device))
+        counts = run_singular_value_counts(args.run_dir, ckpt, args.threshold, eval_device(args.device))
     except (ValueError, OSError) as e:
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2

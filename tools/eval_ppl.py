@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute dtype (bfloat16: autocast, as a bf16 run's trainer evaluates)")
     args = parser.parse_intermixed_args(argv)
     try:
-        from megamora.report import evaluate_run, pick_device
+        from megamora.evaluate import eval_device, evaluate_run
 
         result = evaluate_run(args.run_dir, args.checkpoint, tokens=args.tokens, micro_batch_size=args.micro_batch_size,
-                              data_overrides=args.overrides, device=pick_device(args.device), dtype=args.dtype)
+                              data_overrides=args.overrides, device=eval_device(args.device), dtype=args.dtype)
     except (ValueError, OSError) as e:
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2

@@ -25,9 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a directory; give a .safetensors file name")
         from megamora.checkpoint import read_trainer_state
-        from megamora.export import load_merged_model
+        from megamora.export import find_checkpoint, load_merged_model
         from megamora.hf import merged_state_dict, save_safetensors
-        from megamora.report import find_checkpoint
 
         ckpt = find_checkpoint(args.run_dir, args.checkpoint)
         cfg, model = load_merged_model(args.run_dir, ckpt)

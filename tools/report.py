@@ -1,14 +1,16 @@
 #!/usr/bin/env python
-"""Table 3 (C4 perplexity beside the paper's) and Figure 5 (singular values of dW) for several runs.
+"""Table 3 (C4 perplexity beside the paper's), Figures 4 and 5 and the verdict for several runs.
 
     python tools/report.py --runs lora=runs/a mora=runs/b relora=runs/c remora=runs/d --out report/
 
-Writes report.md, figure5.png and results.json to --out. Perplexity is each run's final eval record
-(metrics.jsonl); --eval recomputes it from the newest checkpoint, as tools/eval_ppl.py does.
+The report tools/reproduce.py writes over seeds (megamora.report), each run a row of its own (n = 1):
+report.md, results.json, figure4.png and figure5.png in --out. Perplexity is each run's final eval
+record (metrics.jsonl); --eval recomputes it from the newest checkpoint, as tools/eval_ppl.py does.
 
-A run's method (LoRA, MoRA, ReLoRA, ReMoRA, Full-rank) is read from its own config.yaml, never from
-NAME: a NAME that names another method is kept as typed, and a note says so (here and in report.md).
-A run directory whose config.yaml is not that of the run that logged metrics.jsonl is refused."""
+A run's method (its label, colour and Figure 5 family) is read from its own config.yaml, never from
+NAME: a NAME that names another method is kept in the row's label ("LoRA (mora)"), and a note says so
+(here and in report.md). A run directory whose config.yaml is not that of the run that logged
+metrics.jsonl is refused."""
 
 from __future__ import annotations
 
@@ -37,28 +39,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", action="append", default=[], metavar="data.key=value",
                         help="with --eval: override of the runs' data config (repeatable)")
     parser.add_argument("--threshold", type=float, default=0.1, help="Figure 5 singular value threshold (default 0.1)")
-    parser.add_argument("--no-figure", action="store_true", help="skip Figure 5 (no checkpoints needed)")
+    parser.add_argument("--no-figure", action="store_true",
+                        help="skip Figure 5 and the singular values (no checkpoints needed)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: auto)")
     args = parser.parse_args(argv)
     try:
-        from megamora.report import label_note, pick_device, summarize_run, table3_markdown, write_report
+        from megamora.evaluate import eval_device
+        from megamora.report import report_runs
 
-        runs = [parse_run(s) for s in args.runs]
-        names = [n for n, _ in runs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"run names must be distinct, got {names}")
-        device = pick_device(args.device)
-        summaries = [summarize_run(name, path, recompute_eval=args.eval, counts=not args.no_figure,
-                                   threshold=args.threshold, data_overrides=args.data, eval_tokens=args.eval_tokens,
-                                   device=device) for name, path in runs]
-        paths = write_report(summaries, args.out, args.threshold)
+        paths, notes = report_runs([parse_run(s) for s in args.runs], args.out, recompute_eval=args.eval,
+                                   with_spectrum=not args.no_figure, threshold=args.threshold,
+                                   data_overrides=args.data, eval_tokens=args.eval_tokens,
+                                   device=eval_device(args.device))
     except (ValueError, OSError) as e:
         print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
         return 2
-    print(table3_markdown(summaries))
-    for s in summaries:
-        if note := label_note(s.name, s.method):
-            print(f"note: {note}")
+    print(paths["report"].read_text().split("## Figure 4")[0].strip())
+    for note in notes:
+        print(f"note: {note}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
