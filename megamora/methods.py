@@ -21,6 +21,11 @@ class Method:
 
 def method_of(cfg: TrainConfig) -> Method:
     """The Table 3 row a run belongs to, from its config alone."""
+    if cfg.optim.name != "adamw":  # an optimizer-level method (GaLore, APOLLO): full weights, its own row
+        from megamora.optimizers import optimizer_class
+
+        opt = optimizer_class(cfg.optim.name)
+        return Method(opt.label, opt.colour, opt.high_rank)
     if cfg.adapter.kind == "none":
         return Method("Full-rank", FULL_RANK_COLOUR, high_rank=True)
     from megamora.adapters import adapter_class
