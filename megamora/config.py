@@ -113,7 +113,34 @@ class DataConfig:
 
 
 @dataclass
+class GaLoreConfig:
+    """optim.name=galore_adamw (Zhao et al. 2024): the gradient of each 2-D block weight projected onto
+    its top-`rank` singular vectors, refreshed every `update_proj_gap` steps; defaults as published."""
+
+    rank: int = 128  # the paper's 60M rank (its Table 2: 128 / 256 / 256 / 512 at 60M / 130M / 350M / 1B)
+    update_proj_gap: int = 200  # T: steps between SVD refreshes of the projector
+    scale: float = 0.25  # alpha: the projected-back update's scale
+    proj_type: str = "std"  # std | reverse_std | left | right (std: project the smaller side)
+
+
+@dataclass
+class ApolloConfig:
+    """optim.name=apollo_adamw (Zhu et al. 2025): low-rank moments of a random projection only give a
+    channel-wise (or tensor-wise) scaling of the raw gradient; defaults as the released recipe."""
+
+    rank: int = 256
+    update_proj_gap: int = 200  # steps between re-draws of the random projection
+    scale: float = 1.0  # the update is multiplied by sqrt(scale) (as the released code does)
+    proj: str = "random"  # random (APOLLO) | svd (GaLore's projector)
+    scale_type: str = "channel"  # channel | tensor (APOLLO-Mini: rank 1, scale 128, tensor)
+    scale_front: bool = False  # apply sqrt(scale) before the norm-growth limiter instead of after
+    norm_growth_limiter: bool = True  # Fira's limiter: the scaled gradient's norm grows <= 1.01x per step
+
+
+@dataclass
 class OptimConfig:
+    # adamw (torch's fused AdamW) or an optimizer-level method of megamora.optimizers.OPTIMIZERS
+    name: str = "adamw"
     lr: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -121,6 +148,8 @@ class OptimConfig:
     warmup_steps: int = 1000
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     grad_clip: float = 1.0  # 0 disables
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
+    apollo: ApolloConfig = field(default_factory=ApolloConfig)
 
 
 @dataclass
@@ -350,6 +379,13 @@ def validate(cfg: TrainConfig) -> None:
         from megamora.adapters import adapter_class  # the registry (imports torch: after the plain checks)
 
         adapter_class(a.kind).check_config(cfg)
+    from megamora.optimizers import optimizer_class
+
+    try:
+        cls = optimizer_class(o.name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    cls.check_config(cfg)
 
 
 def _check_adapter_kind(cfg: TrainConfig) -> None:

@@ -24,6 +24,11 @@ FULL_RANK = Method("Full-rank", FULL_RANK_COLOUR, high_rank=True)  # no adapter:
 
 def method_of(cfg: TrainConfig) -> Method:
     """The Table 3 row a run belongs to, from its config alone."""
+    if cfg.optim.name != "adamw":  # an optimizer-level method (GaLore, APOLLO): full weights, its own row
+        from megamora.optimizers import optimizer_class
+
+        opt = optimizer_class(cfg.optim.name)
+        return Method(opt.label, opt.colour, opt.high_rank)
     if cfg.adapter.kind == "none":
         return FULL_RANK
     from megamora.adapters import adapter_class
@@ -38,9 +43,12 @@ def _adapter_method(cls: type, restarts: bool) -> Method:
 
 
 def known_methods() -> list[Method]:
-    """Every method a config can name: full rank, then each registered adapter kind without and with
-    restarts (e.g. to tell which method a run's free-text name names)."""
+    """Every method a config can name: full rank, each registered adapter kind without and with
+    restarts, each optimizer-level method (e.g. to tell which method a run's free-text name names)."""
     from megamora.adapters import ADAPTERS, adapter_class
+    from megamora.optimizers import OPTIMIZERS, optimizer_class
 
+    optimizers = [optimizer_class(name) for name in OPTIMIZERS if name != "adamw"]
     return [FULL_RANK, *(_adapter_method(adapter_class(kind), restarts) for kind in ADAPTERS
-                         for restarts in (False, True))]
+                         for restarts in (False, True)),
+            *(Method(opt.label, opt.colour, opt.high_rank) for opt in optimizers)]

@@ -70,11 +70,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, cfg)`."""
-    # The fused kernel (CUDA and CPU) reads and writes each state tensor once; the multi-tensor path
-    # makes about ten passes (7x slower on CPU for 20M parameters). Both accept DTensor parameters.
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, seed: int = 0) -> torch.optim.Optimizer:
+    """The optimizer `cfg.name` names (megamora.optimizers.OPTIMIZERS; adamw: torch's fused AdamW over
+    `param_groups(model, cfg)`). `seed`: the run seed, for methods that draw random projections."""
+    from megamora.optimizers import optimizer_class
+
+    return optimizer_class(cfg.name).build(model, cfg, seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ class MemoryEstimate:
     # micro-batch's backward to the last one's reduce-scatter (0 with reduce_scatter_every_micro_batch)
     grads_unsharded: int
     master: int  # DeepSpeed's fp32 master copy of the trainable parameters
-    moments: int  # AdamW exp_avg + exp_avg_sq
+    moments: int  # AdamW exp_avg + exp_avg_sq (an optimizer-level method: all its state)
     activations: int  # at this micro batch, without activation checkpointing
     activations_checkpointed: int  # the same with activation checkpointing
     activation_checkpointing: bool  # which of the two the run uses
@@ -143,6 +143,7 @@ class Plan:
     total_flops: float
     param_dtype: str
     memory: MemoryEstimate
+    optimizer: str = "adamw"  # optim.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +330,15 @@ def optimizer_bytes(counts: ParamCounts, mode: Mode, world_size: int) -> tuple[i
     return master, 2 * FP32 * part
 
 
+def optimizer_state_bytes(cfg: TrainConfig, world_size: int, adamw_moments: int) -> int:
+    """AdamW's moments, or the state of the optimizer-level method `optim.name` (GaLore: an m x r
+    projector and r x n moments per projected matrix, megamora.optimizers)."""
+    from megamora.optimizers import optimizer_class
+
+    held = optimizer_class(cfg.optim.name).state_bytes(cfg, world_size)
+    return adamw_moments if held is None else held
+
+
 def block_activation_bytes(m: ModelConfig, batch: int, seq_len: int, dtype_bytes: int) -> int:
     """Tensors one transformer block saves for backward (see the module docstring)."""
     h, f, a = m.dim, m.ffn_dim, m.n_heads
@@ -360,6 +370,7 @@ def estimate_memory(counts: ParamCounts, cfg: TrainConfig, mode: Mode, world_siz
         world_size = p.mesh_shape(world_size)[1]
     stored, gathered = param_bytes(counts, mode, world_size, p.param_dtype)
     master, moments = optimizer_bytes(counts, mode, world_size)
+    moments = optimizer_state_bytes(cfg, world_size if mode != "single" else 1, moments)
     e = DTYPE_BYTES[p.param_dtype]
     b, s = cfg.micro_batch_size, cfg.data.seq_len
     return MemoryEstimate(
@@ -415,6 +426,7 @@ def make_plan(cfg: TrainConfig, world_size: int = 1, distributed: bool = False) 
         total_flops=fpt * cfg.steps * tokens_per_step,
         param_dtype=cfg.parallel.param_dtype,
         memory=estimate_memory(counts, cfg, mode, world_size, accum),
+        optimizer=cfg.optim.name,
     )
 
 
@@ -437,6 +449,13 @@ def _gib(n: int) -> str:
 def _adapter_line(mod: AdapterModule) -> str:
     size = " ".join(f"{k}={v}" for k, v in mod.sizes.items())
     return f"  {mod.name:<24}{mod.kind} {size}, {mod.layers} layers, {mod.params:,} params"
+
+
+def _state_label(plan: Plan) -> str:
+    from megamora.optimizers import optimizer_class
+
+    method = optimizer_class(plan.optimizer)
+    return "AdamW moments" if method.name == "adamw" else f"{method.label}: projections and low-rank moments"
 
 
 def format_plan(plan: Plan) -> str:
@@ -468,7 +487,7 @@ def format_plan(plan: Plan) -> str:
            "0 with parallel.reduce_scatter_every_micro_batch=true)"] if mem.grads_unsharded else []),
         f"  {'optimizer state':<24}{_gib(mem.optimizer)}"
         + (f"  (fp32 master {mem.master / 2**30:.3f} + AdamW moments {mem.moments / 2**30:.3f})"
-           if mem.master else "  (AdamW moments)"),
+           if mem.master else f"  ({_state_label(plan)})"),
         f"  {'activations':<24}{_gib(mem.activations)}{'  <- used' if not mem.activation_checkpointing else ''}",
         f"  {'activations (ckpt)':<24}{_gib(mem.activations_checkpointed)}"
         f"{'  <- used' if mem.activation_checkpointing else ''}",

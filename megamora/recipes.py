@@ -7,7 +7,7 @@ method, and whether the methods start from a full-rank warm start.
     warm_start_steps: 200             # 0: methods start from random weights (MoRA's Table 3)
     methods: {full: ../cpu/full.yaml, lora: ../cpu/lora.yaml, ...}   # the default rows, in order
     extra_methods: {mora-type6: ../cpu/mora-type6.yaml}              # rows picked with --methods
-    paper: null                       # or 250m / 1b: the preset whose Table 3 numbers go beside ours
+    paper: null                       # or 250m / 1b (MoRA's Table 3), galore-60m ... (megamora.paper_numbers)
 
 A method's config is base + its delta file(s) (later files win, `megamora.config.load_config`).
 """
@@ -140,10 +140,10 @@ def load_recipe(spec: str | Path, directory: Path = RECIPES_DIR) -> Recipe:
     if steps and "full" not in {**methods, **extra}:
         raise RecipeError(f"{path}: warm_start_steps={steps} needs a 'full' method (the warm start is its config)")
     paper = raw.get("paper")
-    from megamora.report import PAPER_TABLE3  # the paper's numbers live with the report
+    from megamora.paper_numbers import PAPER_TABLES
 
-    if paper is not None and paper not in PAPER_TABLE3:
-        raise RecipeError(f"{path}: paper={paper!r} is not one of {sorted(PAPER_TABLE3)} (or null)")
+    if paper is not None and paper not in PAPER_TABLES:
+        raise RecipeError(f"{path}: paper={paper!r} is not one of {sorted(PAPER_TABLES)} (or null)")
     ws_over = raw.get("warm_start_overrides") or []
     if not isinstance(ws_over, list) or not all(isinstance(o, str) and "=" in o for o in ws_over):
         raise RecipeError(f"{path}: warm_start_overrides must be a list of key=value strings")

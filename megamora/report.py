@@ -27,14 +27,9 @@ from typing import Optional, Sequence
 
 from megamora.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from megamora.methods import FULL_RANK, Method, known_methods, method_of
+from megamora.paper_numbers import PAPER_TABLE3, PAPER_TABLES, paper_perplexity
 
-# The paper's facts, by the paper's labels. Table 3: C4 validation perplexity after 10k steps, by
-# model preset and method.
-PAPER_TABLE3: dict[str, dict[str, float]] = {
-    "250m": {"LoRA": 33.40, "MoRA": 28.54, "ReLoRA": 32.19, "ReMoRA": 26.74},
-    "1b": {"LoRA": 28.56, "MoRA": 25.25, "ReLoRA": 27.80, "ReMoRA": 23.34},
-}
-# Its ordering by perplexity, lowest first, and its headline pairs (lower, higher).
+# The paper's facts, by the paper's labels (its numbers: megamora.paper_numbers). Table 3's ordering by perplexity, lowest first, and its headline pairs (lower, higher).
 PAPER_PPL_ORDER = ("ReMoRA", "MoRA", "ReLoRA", "LoRA")
 PAPER_PAIRS = (("MoRA", "LoRA"), ("ReMoRA", "ReLoRA"))
 # Figure 5: high-rank methods have "far more" significant singular values than low-rank ones, read as
@@ -45,10 +40,6 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate
 EXTRA_COLOURS = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 WARM_COLOUR = "#b3b3b3"
 SMOOTH_FRACTION = 0.05  # Figure 4's training loss: centred moving average over 5% of the logged points
-
-
-def paper_perplexity(label: str, preset: Optional[str]) -> Optional[float]:
-    return PAPER_TABLE3.get(preset or "", {}).get(label)
 
 
 def preset_of(cfg: ModelConfig) -> Optional[str]:
@@ -599,7 +590,7 @@ def _mm(sp: Spread, fmt: str = "{:.1f}") -> str:
 def table3_markdown(summaries: dict[str, MethodSummary], seeds: Sequence[int]) -> str:
     paper = any(s.paper is not None for s in summaries.values())
     head = ["method", "seeds", "eval tokens", "perplexity (mean ± sd)", "min-max", *[f"seed {s}" for s in seeds]]
-    head += ["paper (Table 3)"] if paper else []
+    head += ["paper"] if paper else []
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
     for s in summaries.values():
         cells = [s.label, str(len(s.seeds)), " / ".join(map(str, s.tokens)), _pm(s.perplexity),
@@ -688,7 +679,7 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path, *, methods: 
         table3_markdown(summaries, seeds),
         f"{sources}: exp of the token-weighted mean cross-entropy over the eval tokens shown. sd is the "
         "sample standard deviation over seeds."
-        + (f" Paper: Table 3 of the MoRA paper, {paper} model (10k steps, no warm start)." if paper else "") + "\n",
+        + (f" Paper: {PAPER_TABLES[paper].title}." if paper else "") + "\n",
         "## Figure 4: training loss and validation perplexity\n",
         "![Figure 4](figure4.png)\n",
         f"Left: training loss, smoothed per run with a centred moving average over {SMOOTH_FRACTION:.0%} of its "

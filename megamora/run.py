@@ -240,7 +240,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     materialize(model, dist.device, cfg.seed, cfg.model.init_std, draw)
     if cfg.warm_start and not resuming:
         load_base_weights(resolve_warm_start(cfg.warm_start), model)
-    engine.setup(model, build_optimizer(model, cfg.optim))
+    engine.setup(model, build_optimizer(model, cfg.optim, seed=cfg.seed))
 
     accum = grad_accum_steps(cfg, dist.world_size)
     stream_ids = [a * dist.world_size + dist.rank for a in range(accum)]

@@ -67,6 +67,7 @@ BENCH_SMOKE = {
                          "--warmup 0 --gemm-size 128 --gemm-reps 1 --profile-steps 0",
     "bench_loss": "--dim 64 --vocab 1000 --tokens 128 --chunk 64 --rounds 1",
     "bench_validation": "--tokens 4096 --seq-len 32 --world-sizes 1 2 --repeat 1",
+    "bench_optimizers": "--presets 9m --dtypes float32 --vocab 1000 --steps 1 --rounds 1 --svd-preset 9m",
 }
 # Benchmarks whose smallest run is still minutes on 2 cores: the script is imported and its parser must
 # accept the documented arguments (an unknown or badly typed one fails), then it stops.

@@ -311,7 +311,7 @@ def test_table3_paper_column_and_methods():
     rows = summarize_rows([run("remora", "adapter.kind=mora", "restarts.every=2"), run("full"),
                            run("mora-r8", "adapter.kind=mora")], ["remora", "full", "mora-r8"], "250m")
     lines = table3_markdown(rows, [0]).splitlines()
-    assert lines[0].endswith("| seed 0 | paper (Table 3) |")
+    assert lines[0].endswith("| seed 0 | paper |")
     assert lines[2] == "| ReMoRA | 1 | 1000 | 30.00 | 30.00-30.00 | 30.00 | 26.74 |"
     assert lines[3] == "| Full-rank | 1 | 1000 | 30.00 | 30.00-30.00 | 30.00 |  |"
     assert lines[4] == "| MoRA (r8) | 1 | 1000 | 30.00 | 30.00-30.00 | 30.00 |  |"  # a variant: not the paper's row
