@@ -28,6 +28,11 @@ parallel.compile does, compiled during the warm-up steps):
   ours-lora     our LoRA at the same r / alpha / dropout.
   ours-mora1/6  our MoRA type 1 (sharing) / 6 (rotation) from the same adapter.r, which MoRA turns into
                 r_hat itself (mora_r_hat): the trainable parameters equal LoRA's up to r_hat rounding.
+  ours-lora_plus, ours-dora   our LoRA+ / DoRA at LoRA's r (DoRA adds one magnitude per output row).
+  ours-asylora  our AsyLoRA at 2r: only B trains, so its trainable parameters r x out equal LoRA's
+                r x (in + out) on the square projections.
+  hf-peft-dora  hf-full + PEFT LoRA with use_dora=True (r / alpha / dropout as ours).
+  hf-peft-lora_plus   hf-peft-lora with PEFT's create_loraplus_optimizer (fused AdamW, our lambda).
 With adapters only the adapters train on both sides (--train-extras: embeddings, head and norms too,
 as the paper's Table 3 does). Every contender: fp32 master weights, torch.optim.AdamW with our
 hyperparameters, fused (the default of HF's Trainer and of torchtitan, and ours), bf16 through torch.autocast around forward + loss.
@@ -74,13 +79,18 @@ from megamora.optim import build_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTENDERS = ("ours-full", "hf-full", "titan-full", "ours-lora", "hf-peft-lora", "ours-mora1", "ours-mora6")
+# The paper's other baselines (adapter kinds) and PEFT's own versions of them; asked for by name.
+BASELINES = ("ours-lora_plus", "hf-peft-lora_plus", "ours-asylora", "ours-dora", "hf-peft-dora")
 # parallel.compile on (each block torch.compile'd, as the trainer does it): asked for by name or --compile
 COMPILED = ("ours-full+compile", "ours-lora+compile", "ours-mora1+compile")
 # (ours, theirs, what, goal): "speed" = their step time / ours (= our tokens/s over theirs), "time" = ours / theirs
 GOALS = [("ours-full", "hf-full", "speed", 1.2), ("ours-full", "titan-full", "speed", 1.0),
          ("ours-lora", "hf-peft-lora", "speed", 1.2), ("ours-mora1", "ours-lora", "time", 1.00),
          ("ours-mora6", "ours-lora", "time", 1.10), ("ours-full+compile", "ours-full", "speed", 1.0),
-         ("ours-lora+compile", "ours-lora", "speed", 1.0), ("ours-mora1+compile", "ours-mora1", "speed", 1.0)]
+         ("ours-lora+compile", "ours-lora", "speed", 1.0), ("ours-mora1+compile", "ours-mora1", "speed", 1.0),
+         ("ours-lora_plus", "hf-peft-lora_plus", "speed", 1.2), ("ours-dora", "hf-peft-dora", "speed", 1.0),
+         ("ours-lora_plus", "ours-lora", "time", 1.0), ("ours-asylora", "ours-lora", "time", 1.0),
+         ("ours-dora", "ours-lora", "time", 1.5)]
 MEMORY_STEPS = 3
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
 
@@ -200,7 +210,8 @@ def peer_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
                              fused=True)
 
 
-def build_hf(cfg: TrainConfig, device: torch.device, seed: int, lora: bool, train_extras: bool) -> Contender:
+def build_hf(cfg: TrainConfig, device: torch.device, seed: int, variant: str | None, train_extras: bool) -> Contender:
+    """hf-full (variant None), or with PEFT: "lora", "dora" (use_dora), "lora_plus" (LoRA+'s optimizer)."""
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except Exception as e:  # noqa: BLE001 - any import failure means: skip this peer
@@ -215,25 +226,34 @@ def build_hf(cfg: TrainConfig, device: torch.device, seed: int, lora: bool, trai
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
     name = "hf-full"
-    if lora:
+    optimizer = None
+    if variant:
         try:
             from peft import LoraConfig, get_peft_model
+            from peft.optimizers import create_loraplus_optimizer
         except Exception as e:  # noqa: BLE001
             raise Unavailable(f"peft is not importable here ({type(e).__name__}: {e})") from None
         a = cfg.adapter
         model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                                                 target_modules=list(a.target_modules), bias="none"))
+                                                 target_modules=list(a.target_modules), bias="none",
+                                                 use_dora=variant == "dora"))
         if train_extras:
             for n, p in model.named_parameters():
                 if "embed_tokens" in n or "lm_head" in n or "norm" in n:
                     p.requires_grad_(True)
-        name = "hf-peft-lora"
+        if variant == "lora_plus":
+            o = cfg.optim
+            optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                                  loraplus_lr_ratio=a.loraplus_lr_ratio,
+                                                  loraplus_weight_decay=o.weight_decay, fused=True)
+        name = f"hf-peft-{variant}"
     model.train()
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return model(input_ids=x, labels=y, shift_labels=y).loss
 
-    return Contender(name, model, peer_optimizer(model, cfg, device), loss, count_parameters(model, trainable_only=True))
+    return Contender(name, model, optimizer or peer_optimizer(model, cfg, device), loss,
+                     count_parameters(model, trainable_only=True))
 
 
 def titan_unavailable() -> str | None:
@@ -286,9 +306,9 @@ def build_titan(cfg: TrainConfig, device: torch.device, seed: int) -> Contender:
     return Contender("titan-full", model, peer_optimizer(model, cfg, device), loss, count_parameters(model, trainable_only=True))
 
 
-def adapter_overrides(args: argparse.Namespace, kind: str, mora_type: str = "1") -> list[str]:
+def adapter_overrides(args: argparse.Namespace, kind: str, mora_type: str = "1", r_times: int = 1) -> list[str]:
     extras = "true" if args.train_extras else "false"
-    out = [f"adapter.kind={kind}", f"adapter.r={args.r}", f"adapter.mora_type={mora_type}",
+    out = [f"adapter.kind={kind}", f"adapter.r={args.r * r_times}", f"adapter.mora_type={mora_type}",
            f"adapter.train_embeddings={extras}", f"adapter.train_head={extras}", f"adapter.train_norms={extras}"]
     if args.alpha is not None:
         out.append(f"adapter.alpha={args.alpha}")
@@ -309,11 +329,16 @@ def build(name: str, args: argparse.Namespace, device: torch.device) -> Contende
     if name in ("ours-lora", "ours-mora1", "ours-mora6"):
         extra = lora if name == "ours-lora" else adapter_overrides(args, "mora", name[-1])
         return build_ours(bench_config(args, extra), device, args.seed, name)
-    if name in ("hf-full", "hf-peft-lora"):
-        return build_hf(bench_config(args, lora), device, args.seed, name == "hf-peft-lora", args.train_extras)
+    if name in ("ours-lora_plus", "ours-dora", "ours-asylora"):
+        kind = name.removeprefix("ours-")
+        extra = adapter_overrides(args, kind, r_times=2 if kind == "asylora" else 1)
+        return build_ours(bench_config(args, extra), device, args.seed, name)
+    if name == "hf-full" or name.startswith("hf-peft-"):
+        variant = name.removeprefix("hf-peft-") if name != "hf-full" else None
+        return build_hf(bench_config(args, lora), device, args.seed, variant, args.train_extras)
     if name == "titan-full":
         return build_titan(bench_config(args), device, args.seed)
-    raise ValueError(f"unknown contender {name!r}; one of {list(CONTENDERS + COMPILED)}")
+    raise ValueError(f"unknown contender {name!r}; one of {list(CONTENDERS + BASELINES + COMPILED)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,12 +362,12 @@ def print_times(times: dict[str, list[float]], trainable: dict[str, int], flops:
                 dtype_name: str) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{dtype_name}")
-    head = (f"{'contender':14} {'trainable':>12} {'GFLOP/step':>10} {'ms/step':>9} {'tokens/s':>10} "
+    head = (f"{'contender':18} {'trainable':>12} {'GFLOP/step':>10} {'ms/step':>9} {'tokens/s':>10} "
             f"{'min ms':>8} {'max ms':>8}")
     print(head)
     print("-" * len(head))
     for name, t in med.items():
-        print(f"{name:14} {trainable[name]:>12,} {flops[name] / 1e9:>10.2f} {t * 1e3:>9.1f} {tokens / t:>10.0f} "
+        print(f"{name:18} {trainable[name]:>12,} {flops[name] / 1e9:>10.2f} {t * 1e3:>9.1f} {tokens / t:>10.0f} "
               f"{min(times[name]) * 1e3:>8.1f} {max(times[name]) * 1e3:>8.1f}")
     for ours, theirs, what, goal in GOALS:
         if ours not in med or theirs not in med:
@@ -388,7 +413,7 @@ def preload(name: str, device: torch.device, dtype: torch.dtype) -> None:
     with contextlib.suppress(Exception):
         if name.startswith("hf"):
             import transformers.models.llama.modeling_llama  # noqa: F401
-        if name == "hf-peft-lora":
+        if name.startswith("hf-peft"):
             import peft  # noqa: F401
         if name.startswith("titan"):
             import torchtitan.models.llama3  # noqa: F401
@@ -457,14 +482,14 @@ def memory_table(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             continue
         how = next(iter(rows.values()))["how"]
         print(f"\n{dtype_name}: bytes above the process before the build, {how}, peak over {MEMORY_STEPS} steps")
-        head = (f"{'contender':14} {'trainable':>12} {'model MiB':>10} {'step MiB':>9} {'peak MiB':>9} "
+        head = (f"{'contender':18} {'trainable':>12} {'model MiB':>10} {'step MiB':>9} {'peak MiB':>9} "
                 f"{'peak/lora':>9} {'step/lora':>9}")
         print(head)
         print("-" * len(head))
         ref = rows.get("ours-lora")
         for name, r in rows.items():
             ratio = f"{r['peak'] / ref['peak']:>9.3f} {r['step'] / ref['step']:>9.3f}" if ref else ""
-            print(f"{name:14} {r['trainable']:>12,} {r['model'] / mib:>10.1f} {r['step'] / mib:>9.1f} "
+            print(f"{name:18} {r['trainable']:>12,} {r['model'] / mib:>10.1f} {r['step'] / mib:>9.1f} "
                   f"{r['peak'] / mib:>9.1f} {ratio}")
 
 
@@ -488,7 +513,7 @@ def strip_options(argv: list[str], drop: set[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, rounds=7, steps=3)
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS + COMPILED))
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS + BASELINES + COMPILED))
     p.add_argument("--compile", action="store_true", help=f"add {', '.join(COMPILED)} (parallel.compile: true)")
     p.add_argument("--r", type=int, default=32, help="adapter.r of LoRA and MoRA (MoRA derives r_hat from it)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the config's)")
