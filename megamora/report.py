@@ -58,10 +58,11 @@ def _words(text: str) -> list[str]:
 
 
 def _names(label: str) -> set[str]:
-    """The words that name a method in a free-text name: its label run together ("fullrank", "relora")
-    and its first word ("full")."""
+    """The words that name a method in a free-text name: its label run together ("fullrank", "relora"),
+    its first word ("full"), and a "+" spelled out ("LoRA+": "lora+", "loraplus", as in `lora_plus`)."""
     words = _words(label)
-    return {"".join(words), words[0]}
+    names = {"".join(words), words[0]}
+    return names | {n.replace("+", "plus") for n in names}
 
 
 def row_label(key: str, method: Method) -> str:

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 ENTRY = REPO / "launch" / "pretrain.py"
 TABLE3_METHODS = ("full", "lora", "mora", "relora", "remora")
-CPU_METHODS = (*TABLE3_METHODS, "mora-type6")
+CPU_METHODS = (*TABLE3_METHODS, "mora-type6", "galore", "apollo")
 
 
 def _pretrain_module():
@@ -41,7 +41,7 @@ def test_yaml_then_overrides_then_preset(tmp_path):
     (["steps=ten"], "steps"),
     (["steps=0"], "steps=0"),
     (["optim.lr=-1"], "optim.lr=-1"),
-    (["adapter.kind=dora"], "adapter.kind='dora'"),
+    (["adapter.kind=dorra"], "adapter.kind='dorra'"),
     (["model.preset=5m"], "model.preset='5m'"),
     (["model.n_heads=5"], "model.n_heads=5"),
     (["adapter.kind=lora", "adapter.target_modules=[q_proj,qkv]"], "qkv"),

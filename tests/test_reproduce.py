@@ -408,7 +408,8 @@ def test_rows_are_labelled_and_coloured_through_the_method_registry():
     """The recipes' rows keep the labels and colours they had when a table named the recipe keys."""
     expected = {"full": "Full-rank", "lora": "LoRA", "mora": "MoRA", "relora": "ReLoRA", "remora": "ReMoRA",
                 "mora-type6": "MoRA (type6)", "mora-decouple": "MoRA (decouple)",
-                "mora-truncation": "MoRA (truncation)"}
+                "mora-truncation": "MoRA (truncation)", "lora_plus": "LoRA+", "asylora": "AsyLoRA", "dora": "DoRA",
+                "galore": "GaLore", "apollo": "APOLLO"}
     for name in ("cpu", "table3-250m", "table3-1b"):
         recipe = load_recipe(name)
         for key in recipe.all_methods:
@@ -446,7 +447,8 @@ def test_a_registered_method_appears_in_the_report_with_no_edit(monkeypatch, tmp
 
     monkeypatch.setitem(adapters.ADAPTERS, "dora", f"{__name__}:FakeDoRA")
     # config.py does not know the kind yet: the run's config as method_of reads it
-    dora = method_of(SimpleNamespace(adapter=SimpleNamespace(kind="dora"), restarts=SimpleNamespace(every=0)))
+    dora = method_of(SimpleNamespace(adapter=SimpleNamespace(kind="dora"), restarts=SimpleNamespace(every=0),
+                                     optim=SimpleNamespace(name="adamw")))
     assert dora == Method("DoRA", "#123456", high_rank=False)
     galore = Method("GaLore", "#abcdef", high_rank=True)
     res = [r for r in synthetic() if r.method in ("lora", "mora")]
