@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from megamora.config import MODEL_PRESETS, ModelConfig, OptimConfig
+from megamora.config import MODEL_PRESETS, ModelConfig
 from megamora.model import build_model
 from megamora.optimizers.apollo import ApolloAdamW
 from megamora.optimizers.galore import GaLoreAdamW

@@ -4,7 +4,6 @@ parameter name, so checkpoints, adapters and the Hugging Face export do not see 
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from megamora.config import ParallelConfig

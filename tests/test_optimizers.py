@@ -8,7 +8,6 @@ every parameter after every step): the same tensor operations in the same order.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

@@ -24,7 +24,7 @@ from torch import nn
 
 from megamora.config import ConfigError, OptimConfig, TrainConfig
 from megamora.engines.tensors import seed_for
-from megamora.optimizers.base import OptimizerMethod, check_fsdp2_full_rank
+from megamora.optimizers.base import OptimizerMethod, check_fsdp2_full_rank, check_projection_options
 from megamora.optimizers.lowrank import (
     LowRankAdamW, _local, full_norm, is_projected, rows_like, split_groups, state_bytes, svd_projection,
 )
@@ -101,11 +101,7 @@ class ApolloMethod(OptimizerMethod):
     def check_config(cls, cfg: TrainConfig) -> None:
         check_fsdp2_full_rank(cfg, cls.name)
         a = cfg.optim.apollo
-        for key in ("rank", "update_proj_gap"):
-            if getattr(a, key) <= 0:
-                raise ConfigError(f"optim.apollo.{key}={getattr(a, key)} must be positive")
-        if not a.scale > 0:
-            raise ConfigError(f"optim.apollo.scale={a.scale} must be positive")
+        check_projection_options("apollo", a)
         if a.proj not in PROJECTIONS:
             raise ConfigError(f"optim.apollo.proj={a.proj!r} is not one of {list(PROJECTIONS)}")
         if a.scale_type not in SCALE_TYPES:

@@ -35,6 +35,15 @@ class OptimizerMethod:
         return None
 
 
+def check_projection_options(section: str, options) -> None:
+    """One-line ConfigError for the options every projecting method has (optim.<section>.rank, ...)."""
+    for key in ("rank", "update_proj_gap"):
+        if getattr(options, key) <= 0:
+            raise ConfigError(f"optim.{section}.{key}={getattr(options, key)} must be positive")
+    if not options.scale > 0:
+        raise ConfigError(f"optim.{section}.scale={options.scale} must be positive")
+
+
 def check_fsdp2_full_rank(cfg: TrainConfig, name: str) -> None:
     """The common refusals of an optimizer that projects the 2-D block weights' gradients."""
     if cfg.parallel.engine != "fsdp2":

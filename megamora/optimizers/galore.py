@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from megamora.config import ConfigError, OptimConfig, TrainConfig
-from megamora.optimizers.base import OptimizerMethod, check_fsdp2_full_rank
+from megamora.optimizers.base import OptimizerMethod, check_fsdp2_full_rank, check_projection_options
 from megamora.optimizers.lowrank import SIDES, LowRankAdamW, split_groups, state_bytes, svd_projection
 
 
@@ -39,11 +39,7 @@ class GaLoreMethod(OptimizerMethod):
     def check_config(cls, cfg: TrainConfig) -> None:
         check_fsdp2_full_rank(cfg, cls.name)
         g = cfg.optim.galore
-        for key in ("rank", "update_proj_gap"):
-            if getattr(g, key) <= 0:
-                raise ConfigError(f"optim.galore.{key}={getattr(g, key)} must be positive")
-        if not g.scale > 0:
-            raise ConfigError(f"optim.galore.scale={g.scale} must be positive")
+        check_projection_options("galore", g)
         if g.proj_type not in SIDES:
             raise ConfigError(f"optim.galore.proj_type={g.proj_type!r} is not one of {list(SIDES)}")
 
