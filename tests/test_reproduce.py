@@ -462,8 +462,14 @@ def test_a_registered_method_appears_in_the_report_with_no_edit(monkeypatch, tmp
     v = verdict(rows, res)
     assert "DoRA" not in " ".join(v.ppl_lines) and "GaLore" not in " ".join(v.ppl_lines)
     assert v.ppl_lines[0].startswith("Paper (Table 3): MoRA < LoRA.")
-    assert v.sv_lines[0].startswith("MoRA / GaLore have far more singular values > threshold than LoRA / DoRA")
+    # the verdict is the paper's claim over its rows; the new methods' pairs are measured beside it
+    assert v.sv_lines[0].startswith("MoRA have far more singular values > threshold than LoRA (at least 2x")
+    assert v.sv_lines[0].endswith("The other pairs below are measured; the paper did not run those methods.")
     assert any(line.startswith("GaLore 61.0 vs DoRA 5.0 singular values") for line in v.sv_lines)
+    # a new method below 2x of a low-rank one is listed as such, and leaves the paper's verdict alone
+    weak = [*res, *(result("galore_weak", s, 600.0, 6.0, galore) for s in range(3))]
+    v2 = verdict(summarize_rows(weak, [*methods, "galore_weak"], "250m"), weak)
+    assert v2.sv_agrees and any("(below 2x on some seed)" in line for line in v2.sv_lines)
     paths = write_report(res, tmp_path, methods=methods, paper="250m")
     report = paths["report"].read_text()
     assert "| DoRA | 3 | 1000 | 651.00 ± 1.00 | 650.00-652.00 | 650.00 | 651.00 | 652.00 |  |" in report
