@@ -66,7 +66,7 @@ def load_merged_model(run_dir: str | Path, checkpoint: str | Path | None = None)
         saved = state.get("restarts")
         if not (isinstance(saved, dict) and isinstance(saved.get("count"), int)):
             raise ValueError(f"{mismatch}: restarts.every={cfg.restarts.every} but no restart count was saved")
-        Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps).load_state_dict(state["restarts"], model)
+        Restarts(cfg.restarts, cfg.seed, cfg.steps).load_state_dict(state["restarts"], model)
     try:
         load_model_weights(checkpoint, model)
     except CheckpointMismatch as e:  # e.g. config.yaml says lora, the checkpoint holds MoRA weights

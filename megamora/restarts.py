@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megamora.adapters import adapter_parameters, iter_adapters
-from megamora.config import AdapterConfig, RestartConfig
+from megamora.config import RestartConfig
 from megamora.engines.tensors import seed_for
 from megamora.optim import reset_optimizer_state
 
@@ -22,7 +22,7 @@ __all__ = ["Restarts", "adapter_parameters"]
 
 
 class Restarts:
-    def __init__(self, cfg: RestartConfig, adapter_cfg: AdapterConfig, seed: int, total_steps: int):
+    def __init__(self, cfg: RestartConfig, seed: int, total_steps: int):
         self.cfg = cfg
         self.seed = seed
         self.total_steps = total_steps

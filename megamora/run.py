@@ -251,7 +251,7 @@ def build_trainer(cfg: TrainConfig, dist: DistInfo, progress_bar: bool = False) 
     if cfg.restarts.every:
         from megamora.restarts import Restarts
 
-        restarts = Restarts(cfg.restarts, cfg.adapter, cfg.seed, cfg.steps)
+        restarts = Restarts(cfg.restarts, cfg.seed, cfg.steps)
     metrics = MetricsLogger(run_dir, dist.is_main, cfg.logging.wandb_mode, cfg.logging.wandb_project, to_dict(cfg))
     trainer = Trainer(cfg, engine, loader, validation, dist, metrics,
                       flops_per_token(cfg), run_dir, restarts)

@@ -51,7 +51,7 @@ def train_two_steps(model):
 
 def restarts_for(kind: str, reset: str = "delete") -> Restarts:
     cfg = RestartConfig(every=2, mora_types=["1", "2", "3", "4"], optimizer_reset=reset, prune_ratio=0.5)
-    return Restarts(cfg, AdapterConfig(kind=kind, mora_type="1"), seed=0, total_steps=10)
+    return Restarts(cfg, seed=0, total_steps=10)
 
 
 @pytest.mark.parametrize("kind", sorted(ADAPTERS))
