@@ -148,12 +148,19 @@ def test_cpu_recipe():
     assert (full.steps, full.global_batch_size, full.optim.warmup_steps, full.parallel.param_dtype) == (
         300, 16, 30, "float32")
     assert full.warm_start is None  # set per seed by the reproduction, not by the recipe
+    optimizer_methods = {"galore": "galore_adamw", "apollo": "apollo_adamw"}
     for m, cfg in cfgs.items():
         d, f = to_dict(cfg), to_dict(full)
-        assert {k for k in d if d[k] != f[k]} <= {"adapter", "restarts", "run_dir"}, m
+        # an adapter method changes the adapter (and restarts); an optimizer-level one only the optimizer
+        allowed = {"optim", "run_dir"} if m in optimizer_methods else {"adapter", "restarts", "run_dir"}
+        assert {k for k in d if d[k] != f[k]} <= allowed, m
         a = cfg.adapter
         assert a.train_embeddings and a.train_head and a.train_norms  # as in Table 3
-        if m != "full":
+        if m in optimizer_methods:
+            assert cfg.optim.name == optimizer_methods[m], m
+            assert getattr(cfg.optim, m).rank == 40, m  # as the adapters' r
+            assert {k for k in d["optim"] if d["optim"][k] != f["optim"][k]} <= {"name", "lr", "eps", m}, m
+        elif m != "full":
             assert a.r == 40 and a.dropout == 0.05, m  # r / hidden about 1/6
     assert (cfgs["lora"].adapter.kind, cfgs["lora"].adapter.alpha) == ("lora", 16.0)
     assert cfgs["mora"].adapter.mora_type == "1" and cfgs["mora-type6"].adapter.mora_type == "6"
