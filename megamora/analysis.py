@@ -106,16 +106,23 @@ def numerical_ranks(deltas: dict[str, Tensor]) -> dict[str, float]:
 
 @torch.no_grad()
 def run_deltas(run_dir: str | Path, checkpoint: str | Path | None = None,
-               device: str | torch.device = "cpu") -> dict[str, Tensor]:
+               device: str | torch.device = "cpu", since: str | Path | None = None) -> dict[str, Tensor]:
     """dW = W_final (adapters merged) - W_init of a run's checkpoint (default: the newest), in fp32;
-    W_init is the seeded initialisation, or the warm start's weights."""
+    W_init is the seeded initialisation, or the warm start's weights. With `since` (an earlier
+    checkpoint of the run), W_init is that checkpoint's merged weights: the update of one stretch of
+    the run, such as one ReLoRA merge segment."""
     _, model = load_merged_model(run_dir, find_checkpoint(run_dir, checkpoint))
     current = {k: v.to(device) for k, v in model.state_dict().items() if module_type(k)}
-    return delta_weights(initial_weights(run_dir), current)
+    if since is None:
+        initial = initial_weights(run_dir)
+    else:
+        initial = load_merged_model(run_dir, find_checkpoint(run_dir, since))[1].state_dict()
+    return delta_weights(initial, current)
 
 
 def run_singular_value_counts(run_dir: str | Path, checkpoint: str | Path | None = None, threshold: float = 0.1,
-                              device: str | torch.device = "cpu") -> dict[str, float]:
+                              device: str | torch.device = "cpu",
+                              since: str | Path | None = None) -> dict[str, float]:
     """Figure 5 for one run: per module type, the mean over layers of the number of singular values
-    above `threshold` of its dW."""
-    return singular_value_counts(run_deltas(run_dir, checkpoint, device), threshold)
+    above `threshold` of its dW (since `since`, an earlier checkpoint, where given)."""
+    return singular_value_counts(run_deltas(run_dir, checkpoint, device, since), threshold)

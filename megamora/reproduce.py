@@ -239,6 +239,37 @@ def check_out_dir(plan: Plan) -> dict:
             "configs": {**old.get("configs", {}), **new["configs"]}}
 
 
+def link_warm_starts(plan: Plan, source: str | Path, dry_run: bool = False) -> list[str]:
+    """Use the finished warm starts of another reproduction (`--warm-starts DIR`): DIR/runs/warmstart-
+    seed<S> is linked as this plan's own, so a sweep (a recipe of its own over the same base) or a noise
+    measurement starts from the very same weights and does not train them again. DIR's warm-start
+    settings must equal this plan's. Returns the names linked (or, dry_run, that would be)."""
+    source = Path(source).expanduser().resolve()
+    old = read_record(source)
+    if old is None:
+        raise ReproduceError(f"--warm-starts {source}: no recipe.json there (not a reproduce folder)")
+    if not plan.recipe.warm_start_steps or old.get("warm_start_steps") != plan.recipe.warm_start_steps:
+        raise ReproduceError(f"--warm-starts {source}: its warm starts are {old.get('warm_start_steps') or 0} "
+                             f"steps; recipe {plan.recipe.name} has {plan.recipe.warm_start_steps}")
+    if source == plan.out:
+        raise ReproduceError(f"--warm-starts {source} is --out itself")
+    linked = []
+    for run in plan.runs:
+        if run.method != WARM_START or run.run_dir.exists() or run.run_dir.is_symlink():
+            continue  # this folder's own warm start (or link) stays
+        other = source / "runs" / run.name
+        if WARM_START not in old.get("configs", {}) or not finished(other, run.steps):
+            raise ReproduceError(f"--warm-starts {source}: {run.name} is not finished there")
+        diff = _differences(old["configs"][WARM_START], comparable(run.config))
+        if diff:
+            raise ReproduceError(f"--warm-starts {source}: its {run.name} has other settings: {diff[0]}")
+        if not dry_run:
+            run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run.run_dir.symlink_to(other, target_is_directory=True)
+        linked.append(run.name)
+    return linked
+
+
 def write_record(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".recipe.json.tmp"

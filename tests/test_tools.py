@@ -26,7 +26,8 @@ TOOLS = REPO / "tools"
 RUN_KINDS = {
     "full": [],
     "mora": ["adapter.kind=mora", "adapter.r=4"],  # type 1, r_hat 16 (attention) / 20 (MLP)
-    "remora": ["adapter.kind=mora", "adapter.r=4", "restarts.every=2", "restarts.warmup=1"],  # types 1 then 2
+    # types 1 then 2; a checkpoint at the merge (step 2) too: each merge segment's update
+    "remora": ["adapter.kind=mora", "adapter.r=4", "restarts.every=2", "restarts.warmup=1", "save_every=2"],
 }
 
 
@@ -118,6 +119,9 @@ def cli(request, out_dir) -> dict[str, subprocess.CompletedProcess]:
         "merge": ["merge_checkpoint", runs["mora"], "--out", out_dir / "mora.safetensors"],
         "eval": ["eval_ppl", runs["remora"], "--micro-batch-size", 3],
         "count": ["count_singular_values", runs["mora"], "--threshold", 1e-4, "--json"],
+        "count-segment": ["count_singular_values", runs["remora"], "--since", "step_00000002", "--threshold", 1e-4,
+                          "--json"],
+        "count-segment-itself": ["count_singular_values", runs["remora"], "--since", "step_00000004"],
         "convert": ["convert_to_hf", runs["remora"], "--out", out_dir / "hf", "--checkpoint", "step_00000004"],
         "report": ["report", "--runs", *(f"{k}={v}" for k, v in runs.items()), "--out", out_dir / "report",
                    "--device", "cpu"],
@@ -196,6 +200,25 @@ def test_count_singular_values(runs, cli):
     # Figure 5's threshold: non-zero counts for a full-rank run, fewer than at 1e-4.
     paper = run_singular_value_counts(runs["full"])
     assert all(0 < paper[k] <= full[k] for k in kinds), paper
+
+
+def test_singular_values_of_one_merge_segment(runs, cli):
+    """--since: the update between two checkpoints. Each ReMoRA merge segment is one MoRA of one type
+    (rank <= r_hat), while their sum goes past r_hat; the segments add up to the whole run's dW."""
+    from megamora.analysis import run_deltas, run_singular_value_counts
+
+    r_hat = read_metrics(runs["remora"], "setup")[0]["mora_r_hat"]
+    whole, first = run_deltas(runs["remora"]), run_deltas(runs["remora"], "step_00000002")
+    second = run_deltas(runs["remora"], since="step_00000002")
+    assert whole.keys() == first.keys() == second.keys()
+    for name in whole:
+        torch.testing.assert_close(first[name] + second[name], whole[name], rtol=0, atol=1e-6)
+    segment = json.loads(ok(cli["count-segment"]))
+    assert segment == run_singular_value_counts(runs["remora"], threshold=1e-4, since="step_00000002")
+    assert all(1 <= segment[k] <= r_hat[k] for k in r_hat), segment
+    assert all(run_singular_value_counts(runs["remora"], threshold=1e-4)[k] > r_hat[k] for k in r_hat)
+    bad = cli["count-segment-itself"]
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--since step_00000004" in bad.stderr, bad.stderr
 
 
 # --------------------------------------------------------------------------- convert_to_hf

@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="slurm: extra sbatch options for the run jobs, e.g. '--nodes 4 --partition gpu' "
                              "(one option alone: --sbatch-args=--exclusive); they win over what the runs imply: "
                              "one node, one GPU per --nproc-per-node process, none for parallel.device=cpu")
+    parser.add_argument("--warm-starts", metavar="DIR",
+                        help="start the methods from DIR's finished warm starts (another --out of the same recipe "
+                             "and settings) instead of training this folder's own: sweeps and noise runs")
     parser.add_argument("--report-only", action="store_true", help="write the report from DIR's finished runs")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the runs' commands, run none")
     parser.add_argument("--threshold", type=float, default=0.1, help="Figure 5 singular value threshold (0.1)")
@@ -94,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MEGAMORA_DATA"] = str((REPO.parent / "shared" / "data").resolve())
     from megamora.recipes import RecipeError, load_recipe
     from megamora.reproduce import (
-        EXIT_STOPPED, ReproduceError, RunFailed, check_launcher, check_out_dir, check_plan, command, make_plan,
-        pending_runs,
-        read_record, submit_slurm, write_record, write_report,
+        EXIT_STOPPED, ReproduceError, RunFailed, check_launcher, check_out_dir, check_plan, command,
+        link_warm_starts, make_plan, pending_runs, read_record, submit_slurm, write_record, write_report,
     )
 
     out = Path(args.out)
@@ -113,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(recipe, args.seeds, args.methods, out, args.overrides)
         check_plan(plan)
         record = check_out_dir(plan)
+        linked = link_warm_starts(plan, args.warm_starts, dry_run=args.dry_run) if args.warm_starts else []
+        for name in linked:
+            print(f"{name}: linked from {Path(args.warm_starts) / 'runs' / name}", file=sys.stderr)
         finished, todo = pending_runs(plan)
         if args.dry_run:
             for run in plan.runs:
-                state = "finished" if run in finished else "to run"
+                state = "finished" if run in finished or run.name in linked else "to run"
                 print(f"{run.name} ({state}): {shlex.join(command(run, 'local'))}")
             return 0
         write_record(plan.out, record)
