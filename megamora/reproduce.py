@@ -270,6 +270,18 @@ def link_warm_starts(plan: Plan, source: str | Path, dry_run: bool = False) -> l
     return linked
 
 
+def launch_settings(launcher: str, nproc_per_node: Optional[int]) -> dict:
+    """How this command runs its runs: what changes the float order of a run but not its batches, by
+    which a noise measurement's reproductions differ (megamora.noise)."""
+    import torch
+
+    nproc = nproc_per_node or 1
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:  # torchrun sets 1 per process when it starts several; else torch's default
+        threads = 1 if launcher == "torchrun" and nproc > 1 else torch.get_num_threads()
+    return {"launcher": launcher, "nproc_per_node": nproc, "threads_per_process": int(threads)}
+
+
 def write_record(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".recipe.json.tmp"

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from megamora.recipes import RecipeError, load_recipe
     from megamora.reproduce import (
         EXIT_STOPPED, ReproduceError, RunFailed, check_launcher, check_out_dir, check_plan, command,
-        link_warm_starts, make_plan, pending_runs, read_record, submit_slurm, write_record, write_report,
+        launch_settings, link_warm_starts, make_plan, pending_runs, read_record, submit_slurm, write_record, write_report,
     )
 
     out = Path(args.out)
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 state = "finished" if run in finished or run.name in linked else "to run"
                 print(f"{run.name} ({state}): {shlex.join(command(run, 'local'))}")
             return 0
+        if args.launcher != "slurm":  # a SLURM job's processes and threads are the job's
+            record["launch"] = launch_settings(args.launcher, args.nproc_per_node)
         write_record(plan.out, record)
         for run in finished:
             print(f"skip {run.name}: finished", file=sys.stderr)
