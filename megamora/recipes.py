@@ -8,6 +8,7 @@ method, and whether the methods start from a full-rank warm start.
     methods: {full: ../cpu/full.yaml, lora: ../cpu/lora.yaml, ...}   # the default rows, in order
     extra_methods: {mora-type6: ../cpu/mora-type6.yaml}              # rows picked with --methods
     paper: null                       # or 250m / 1b (MoRA's Table 3), galore-60m ... (megamora.paper_numbers)
+    noise_floor: {perplexity: 0.01, singular_values: 0.02, measured: "how"}   # optional (megamora.noise)
 
 A method's config is base + its delta file(s) (later files win, `megamora.config.load_config`).
 """
@@ -28,7 +29,8 @@ WARM_START = "warmstart"  # run name prefix of the full-rank warm starts
 # The warm start's own LR warm-up, as a fraction of its steps (the paper's 1000 of 10k).
 WARM_START_WARMUP = 0.1
 
-_KEYS = {"description", "base", "warm_start_steps", "warm_start_overrides", "methods", "extra_methods", "paper"}
+_KEYS = {"description", "base", "warm_start_steps", "warm_start_overrides", "methods", "extra_methods", "paper",
+         "noise_floor"}
 
 
 class RecipeError(ValueError):
@@ -47,6 +49,9 @@ class Recipe:
     paper: Optional[str] = None
     # Overrides of the warm-start run only (after steps= and its 10% warm-up), e.g. optim.lr=...
     warm_start_overrides: list[str] = field(default_factory=list)
+    # The floor its verdict judges differences against where no noise runs are given: relative
+    # perplexity and singular-value differences of same-seed runs, and how they were measured.
+    noise_floor: Optional[dict] = None
 
     @property
     def all_methods(self) -> dict[str, list[Path]]:
@@ -144,10 +149,18 @@ def load_recipe(spec: str | Path, directory: Path = RECIPES_DIR) -> Recipe:
 
     if paper is not None and paper not in PAPER_TABLES:
         raise RecipeError(f"{path}: paper={paper!r} is not one of {sorted(PAPER_TABLES)} (or null)")
+    noise = raw.get("noise_floor")
+    if noise is not None and not (
+            isinstance(noise, dict) and set(noise) <= {"perplexity", "singular_values", "measured"}
+            and all(isinstance(noise.get(k, 0.0), (int, float)) and 0 <= noise.get(k, 0.0) < 1
+                    for k in ("perplexity", "singular_values")) and "perplexity" in noise):
+        raise RecipeError(f"{path}: noise_floor={noise!r} must map perplexity (and singular_values) to relative "
+                          "differences in [0, 1), with `measured`: how")
     ws_over = raw.get("warm_start_overrides") or []
     if not isinstance(ws_over, list) or not all(isinstance(o, str) and "=" in o for o in ws_over):
         raise RecipeError(f"{path}: warm_start_overrides must be a list of key=value strings")
     return Recipe(name=path.stem, path=path, description=str(raw.get("description") or "").strip(),
                   base=_files(raw.get("base"), f"{path.name}: base", root), warm_start_steps=steps,
-                  methods=methods, extra_methods=extra, paper=paper, warm_start_overrides=list(ws_over))
+                  methods=methods, extra_methods=extra, paper=paper, warm_start_overrides=list(ws_over),
+                  noise_floor=noise)
 

@@ -27,6 +27,11 @@ from typing import Optional, Sequence
 
 from megamora.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from megamora.methods import FULL_RANK, Method, known_methods, method_of
+from megamora.noise import NoiseFloor
+from megamora.noise import beyond as beyond_noise
+from megamora.noise import markdown as noise_markdown
+from megamora.noise import seed_spread as noise_spread
+from megamora.noise import tag as noise_tag
 from megamora.paper_numbers import PAPER_TABLE3, PAPER_TABLES, paper_perplexity
 
 # The paper's facts, by the paper's labels (its numbers: megamora.paper_numbers). Table 3's ordering by perplexity, lowest first, and its headline pairs (lower, higher).
@@ -279,17 +284,22 @@ class Paired:
     seeds: list[int]
     n_lower: int  # seeds on which it is
     rel: dict[int, float]  # (higher - lower) / higher: > 0 where the claim holds
+    floor: Optional[float] = None  # the perplexity noise floor it was judged against (None: none measured)
+    beyond_noise: Optional[bool] = None  # every seed's difference beyond the floor, in one direction
 
-    def sentence(self, a: str, b: str) -> str:
-        """The finding in words, `a` and `b` being the labels of `lower` and `higher`."""
+    def sentence(self, a: str, b: str, noise: Optional[NoiseFloor] = None) -> str:
+        """The finding in words, `a` and `b` being the labels of `lower` and `higher`, judged against
+        the noise floor."""
         pct = sorted(100 * v for v in self.rel.values())
         n = len(self.seeds)
         if self.n_lower == n:
-            return f"{a} lower than {b} on {n}/{n} seeds, by {_range(pct)}%"
-        if self.n_lower == 0:
-            return f"{a} higher than {b} on {n}/{n} seeds, by {_range([-p for p in reversed(pct)])}%"
-        return (f"{a} lower than {b} on {self.n_lower}/{n} seeds (relative difference {_range(pct, signed=True)}%, "
-                f"positive where {a} is lower)")
+            text = f"{a} lower than {b} on {n}/{n} seeds, by {_range(pct)}%"
+        elif self.n_lower == 0:
+            text = f"{a} higher than {b} on {n}/{n} seeds, by {_range([-p for p in reversed(pct)])}%"
+        else:
+            text = (f"{a} lower than {b} on {self.n_lower}/{n} seeds (relative difference "
+                    f"{_range(pct, signed=True)}%, positive where {a} is lower)")
+        return text + noise_tag(self.rel, noise)
 
 
 def _range(values: Sequence[float], signed: bool = False) -> str:
@@ -298,15 +308,19 @@ def _range(values: Sequence[float], signed: bool = False) -> str:
     return lo if lo == hi else f"{lo} to {hi}" if signed else f"{lo}-{hi}"
 
 
-def paired(results: Sequence[RunResult], lower: str, higher: str) -> Optional[Paired]:
-    """Per seed that both rows finished: does `lower` have the lower perplexity, and by how much."""
+def paired(results: Sequence[RunResult], lower: str, higher: str,
+           noise: Optional[NoiseFloor] = None) -> Optional[Paired]:
+    """Per seed that both rows finished: does `lower` have the lower perplexity, by how much, and is
+    that beyond the noise floor."""
     a = {r.seed: r.perplexity for r in results if r.method == lower}
     b = {r.seed: r.perplexity for r in results if r.method == higher}
     seeds = sorted(a.keys() & b.keys())
     if not seeds:
         return None
     rel = {s: (b[s] - a[s]) / b[s] for s in seeds}
-    return Paired(lower, higher, seeds, sum(1 for s in seeds if a[s] < b[s]), rel)
+    floor = noise.perplexity if noise is not None else None
+    return Paired(lower, higher, seeds, sum(1 for s in seeds if a[s] < b[s]), rel, floor,
+                  None if floor is None else beyond_noise(rel, floor))
 
 
 @dataclass
@@ -318,10 +332,11 @@ class Verdict:
     pairs: list[Paired]
 
 
-def ppl_verdict(summaries: dict[str, MethodSummary],
-                results: Sequence[RunResult]) -> tuple[Optional[bool], list[str], list[Paired]]:
+def ppl_verdict(summaries: dict[str, MethodSummary], results: Sequence[RunResult],
+                noise: Optional[NoiseFloor] = None) -> tuple[Optional[bool], list[str], list[Paired]]:
     """The paper's perplexity ordering, over the rows labelled as its rows (a variant row such as
-    "MoRA (type6)", or a method the paper lacks, is not part of it)."""
+    "MoRA (type6)", or a method the paper lacks, is not part of it); each pair judged against the noise
+    floor."""
     by_label = {s.label: m for m, s in summaries.items()}
     rows = [by_label[label] for label in PAPER_PPL_ORDER if label in by_label]
     if len(rows) < 2:
@@ -345,13 +360,20 @@ def ppl_verdict(summaries: dict[str, MethodSummary],
     for low, high in wanted:
         if (low, high) not in seen:
             seen.add((low, high))
-            if (p := paired(results, low, high)) is not None:
+            if (p := paired(results, low, high, noise)) is not None:
                 pairs.append(p)
-    lines += [f"Paired by seed: {p.sentence(label[p.lower], label[p.higher])}." for p in pairs]
+    if noise is not None and pairs:
+        real = [p for p in pairs if p.beyond_noise and p.n_lower == len(p.seeds)]
+        lines[0] += (f" Of the paper's {len(pairs)} paired relations below, {len(real)} hold beyond noise on every "
+                     f"seed ({100 * noise.perplexity:.1f}% floor).")
+    elif pairs:
+        lines[0] += " No noise floor was measured: the paired differences below are not judged against one."
+    lines += [f"Paired by seed: {p.sentence(label[p.lower], label[p.higher], noise)}." for p in pairs]
     return agrees, lines, pairs
 
 
-def sv_verdict(summaries: dict[str, MethodSummary]) -> tuple[Optional[bool], list[str]]:
+def sv_verdict(summaries: dict[str, MethodSummary],
+               noise: Optional[NoiseFloor] = None) -> tuple[Optional[bool], list[str]]:
     """Figure 5's claim: every high-rank method (methods.Method.high_rank: MoRA, ReMoRA, ...) has far
     more singular values above the threshold than every low-rank one (LoRA, ReLoRA, ...). Full-rank
     training is the reference, in neither family. Where both families have one of the paper's rows,
@@ -386,7 +408,9 @@ def sv_verdict(summaries: dict[str, MethodSummary]) -> tuple[Optional[bool], lis
                 f"{statistics.fmean(b[s] for s in seeds):.1f} singular values per module (mean over module types "
                 f"and seeds); {_ratio_range(ratios)} times as many on {len(seeds)}/{len(seeds)} paired seeds"
                 f"{'' if far else f' (below {FAR_ABOVE:g}x on some seed)'}; its smallest count over seeds exceeds "
-                f"{low_label}'s largest on {above}/{len(kinds)} module types.")
+                f"{low_label}'s largest on {above}/{len(kinds)} module types"
+                + noise_tag({s: (a[s] - b[s]) / b[s] if b[s] else math.inf for s in seeds}, noise,
+                            "singular_values") + ".")
     rows_h = [m for m in highs if any((m, low) in judged for low in lows)]
     rows_l = [m for m in lows if any((h, m) in judged for h in highs)]
     head = (f"{' / '.join(summaries[m].label for m in rows_h)} have far more singular values > threshold than "
@@ -402,9 +426,10 @@ def _ratio_range(ratios: Sequence[float]) -> str:
     return lo if lo == hi else f"{lo}-{hi}"
 
 
-def verdict(summaries: dict[str, MethodSummary], results: Sequence[RunResult]) -> Verdict:
-    ppl_ok, ppl_lines, pairs = ppl_verdict(summaries, results)
-    sv_ok, sv_lines = sv_verdict(summaries)
+def verdict(summaries: dict[str, MethodSummary], results: Sequence[RunResult],
+            noise: Optional[NoiseFloor] = None) -> Verdict:
+    ppl_ok, ppl_lines, pairs = ppl_verdict(summaries, results, noise)
+    sv_ok, sv_lines = sv_verdict(summaries, noise)
     return Verdict(ppl_ok, ppl_lines, sv_ok, sv_lines, pairs)
 
 
@@ -656,10 +681,11 @@ _SOURCES = {"metrics": "Each run's final eval (its last record in metrics.jsonl;
 def write_report(results: Sequence[RunResult], out_dir: str | Path, *, methods: Optional[Sequence[str]] = None,
                  seeds: Optional[Sequence[int]] = None, recipe: Optional[str] = None, paper: Optional[str] = None,
                  warm: Sequence[RunResult] = (), missing: Sequence[str] = (), threshold: float = 0.1,
-                 description: str = "") -> dict[str, Path]:
+                 description: str = "", noise: Optional[NoiseFloor] = None) -> dict[str, Path]:
     """report.md, results.json, figure4.png and (where runs have singular-value counts) figure5.png in
     `out_dir`. Rows: `methods` in order (default: as the results come), each over its seeds; `recipe`
-    names a reproduction in the title; `paper`: the preset whose Table 3 numbers go beside ours."""
+    names a reproduction in the title; `paper`: the preset whose Table 3 numbers go beside ours;
+    `noise`: the floor every paired difference of the verdict is judged against (megamora.noise)."""
     out = Path(out_dir)
     methods = list(methods) if methods is not None else list(dict.fromkeys(r.method for r in results))
     seeds = list(seeds) if seeds is not None else sorted({r.seed for r in results})
@@ -667,7 +693,7 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path, *, methods: 
     if not summaries:
         raise ValueError("no finished run to report on")
     out.mkdir(parents=True, exist_ok=True)
-    v = verdict(summaries, results)
+    v = verdict(summaries, results, noise)
     spectra = any(s.sv_counts for s in summaries.values())
     paths = {"report": out / "report.md", "results": out / "results.json"}
     paths["figure4"] = plot_figure4(results, summaries, out / "figure4.png", warm)
@@ -713,6 +739,9 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path, *, methods: 
             "Numerical rank of dW (mean over layers; singular values above max(m, n) * eps(fp32) * sigma_max):\n",
             module_table(summaries, "ranks"),
         ]
+    if noise is not None:
+        spread_by_row = noise_spread({m: s.per_seed for m, s in summaries.items()})
+        text += ["## Noise floor\n", noise_markdown(noise, label, spread_by_row)]
     text += [
         "## Verdict\n",
         "**Perplexity.** " + v.ppl_lines[0] + "\n",
@@ -729,6 +758,7 @@ def write_report(results: Sequence[RunResult], out_dir: str | Path, *, methods: 
             "summary": {m: {k: val for k, val in asdict(s).items() if k != "config_method"}
                         for m, s in summaries.items()},
             "paired": [asdict(p) for p in v.pairs],
+            "noise_floor": asdict(noise) if noise is not None else None,
             "verdict": {"perplexity_agrees": v.ppl_agrees, "perplexity": v.ppl_lines,
                         "singular_values_agree": v.sv_agrees, "singular_values": v.sv_lines},
             "runs": [_run_record(r) for r in results], "warm_starts": [_run_record(r) for r in warm]}

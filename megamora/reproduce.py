@@ -191,7 +191,8 @@ def recipe_record(plan: Plan) -> dict:
         configs.setdefault(run.method, comparable(run.config))
     return {"recipe": plan.recipe.name, "recipe_file": str(plan.recipe.path), "description": plan.recipe.description,
             "content_hash": plan.recipe.content_hash(), "warm_start_steps": plan.recipe.warm_start_steps,
-            "paper": plan.recipe.paper, "seeds": plan.seeds, "methods": plan.methods,
+            "paper": plan.recipe.paper, "noise_floor": plan.recipe.noise_floor, "seeds": plan.seeds,
+            "methods": plan.methods,
             "overrides": plan.overrides, "configs": configs}
 
 
@@ -236,7 +237,7 @@ def check_out_dir(plan: Plan) -> dict:
     methods = sorted(set(old.get("methods", [])) | set(new["methods"]),
                      key=lambda m: order.index(m) if m in order else len(order))
     return {**new, "seeds": sorted(set(old.get("seeds", [])) | set(new["seeds"])), "methods": methods,
-            "configs": {**old.get("configs", {}), **new["configs"]}}
+            "configs": {**old.get("configs", {}), **new["configs"]}, "noise_from": old.get("noise_from", [])}
 
 
 def link_warm_starts(plan: Plan, source: str | Path, dry_run: bool = False) -> list[str]:
@@ -654,20 +655,19 @@ def held_job(job_ids: Sequence[str], polls: int = 6, every_s: float = 0.5) -> Op
 # --------------------------------------------------------------------------- the report
 
 
-def write_report(out: str | Path, threshold: float = 0.1, device: str = "cpu", stream: TextIO = sys.stderr) -> dict:
-    """The report (megamora.report) over every finished run DIR/recipe.json lists; runs not finished
-    yet are named in the report and left out. Returns report.write_report's paths."""
+def launch_label(launch: Optional[dict]) -> str:
+    if not launch:
+        return "launch not recorded"
+    n, t = launch["nproc_per_node"], launch["threads_per_process"]
+    return f"{launch['launcher']}, {n} process{'es' if n > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
+
+
+def _finished_results(out: Path, record: dict, names: Sequence[tuple[str, int]], threshold: float, device: str,
+                      stream: TextIO, missing: Optional[list] = None) -> list:
     from megamora import report
     from megamora.export import run_config
 
-    out = Path(out)
-    record = read_record(out)
-    if record is None:
-        raise ReproduceError(f"{out} has no recipe.json: not a reproduce folder")
-    results, warm, missing = [], [], []
-    seeds, methods = record["seeds"], record["methods"]
-    names = ([(WARM_START, s) for s in seeds] if record.get("warm_start_steps") else []) + \
-        [(m, s) for m in methods for s in seeds]
+    results = []
     for method, seed in names:
         run_dir = out / "runs" / run_name(method, seed)
         try:
@@ -675,15 +675,85 @@ def write_report(out: str | Path, threshold: float = 0.1, device: str = "cpu", s
         except (OSError, ValueError):
             done = False
         if not done:
-            missing.append(run_name(method, seed))
+            if missing is not None:
+                missing.append(run_name(method, seed))
             continue
-        print(f"report: {run_name(method, seed)}", file=stream, flush=True)
-        result = report.collect_run(method, run_dir, threshold=threshold, device=device,
-                                    cache=out / "cache" / f"{run_name(method, seed)}.json",
-                                    with_spectrum=method != WARM_START)
-        (warm if method == WARM_START else results).append(result)
+        print(f"report: {out.name}/runs/{run_name(method, seed)}", file=stream, flush=True)
+        results.append(report.collect_run(method, run_dir, threshold=threshold, device=device,
+                                          cache=out / "cache" / f"{run_name(method, seed)}.json",
+                                          with_spectrum=method != WARM_START))
+    return results
+
+
+def check_noise_dirs(out: Path, record: dict, dirs: Sequence[str | Path]) -> list[Path]:
+    """Noise reproductions (`--noise-from`): folders of the same recipe whose common methods have the
+    same settings as `out`'s; only their launch (threads, processes) may differ."""
+    checked = []
+    for d in dirs:
+        d = Path(d).expanduser().resolve()
+        other = read_record(d)
+        if other is None:
+            raise ReproduceError(f"--noise-from {d}: no recipe.json there (not a reproduce folder)")
+        if d == out.resolve():
+            raise ReproduceError(f"--noise-from {d} is --out itself")
+        for method, cfg in other.get("configs", {}).items():
+            if method in record.get("configs", {}):
+                diff = _differences(record["configs"][method], cfg)
+                if diff:
+                    raise ReproduceError(f"--noise-from {d}: its {method} runs have other settings: {diff[0]}")
+        checked.append(d)
+    return checked
+
+
+def noise_floor(out: Path, record: dict, results: Sequence, threshold: float, device: str, stream: TextIO):
+    """The floor the verdict judges against: measured from record["noise_from"] (the same runs under
+    other launch settings), else the recipe's recorded one, else None."""
+    from megamora import noise
+    from megamora.report import MODULES
+
+    def values(rs) -> dict:
+        out_ = {}
+        for r in rs:
+            kinds = [k for k in MODULES if k in r.sv_counts]
+            out_[(r.method, r.seed)] = (r.perplexity, statistics.fmean(r.sv_counts[k] for k in kinds) if kinds else None)
+        return out_
+
+    if record.get("noise_from"):
+        reference = values(results)
+        others = {}
+        for d in check_noise_dirs(out, record, record["noise_from"]):
+            other = read_record(d)
+            names = [key for key in reference if key[0] in other.get("methods", []) and key[1] in other.get("seeds", [])]
+            setting = f"{launch_label(other.get('launch'))} ({d.name})"
+            others[setting] = values(_finished_results(d, other, names, threshold, device, stream))
+        floor = noise.measure(reference, others)
+        if floor is not None:
+            floor.source = f"measured here against {launch_label(record.get('launch'))}"
+            return floor
+    if record.get("noise_floor"):
+        return noise.NoiseFloor.recorded(record["noise_floor"])
+    return None
+
+
+def write_report(out: str | Path, threshold: float = 0.1, device: str = "cpu", stream: TextIO = sys.stderr) -> dict:
+    """The report (megamora.report) over every finished run DIR/recipe.json lists; runs not finished
+    yet are named in the report and left out. The verdict is judged against the noise floor (measured
+    from DIR's `noise_from` reproductions, else the recipe's). Returns report.write_report's paths."""
+    from megamora import report
+
+    out = Path(out)
+    record = read_record(out)
+    if record is None:
+        raise ReproduceError(f"{out} has no recipe.json: not a reproduce folder")
+    seeds, methods = record["seeds"], record["methods"]
+    missing: list[str] = []
+    warm = _finished_results(out, record, [(WARM_START, s) for s in seeds] if record.get("warm_start_steps") else [],
+                             threshold, device, stream, missing)
+    results = _finished_results(out, record, [(m, s) for m in methods for s in seeds], threshold, device, stream,
+                                missing)
     if not results:
         raise ReproduceError(f"{out}: no finished run to report on yet")
+    floor = noise_floor(out, record, results, threshold, device, stream)
     return report.write_report(results, out, recipe=record["recipe"], methods=methods, seeds=seeds,
                                paper=record.get("paper"), warm=warm, missing=missing, threshold=threshold,
-                               description=record.get("description", ""))
+                               description=record.get("description", ""), noise=floor)

@@ -237,6 +237,52 @@ def test_interrupted_reproduction_resumes_and_skips_finished_runs(reproduced, sh
     assert "remora-seed2 (to run)" in more.stdout and "lora-seed0 (finished)" in more.stdout
 
 
+def test_noise_runs_start_from_the_same_warm_starts_and_set_the_floor(reproduced, tmp_path):
+    """--warm-starts links the finished warm starts of another folder (nothing trained twice);
+    --noise-from measures the verdict's floor from the same runs launched another way."""
+    recipe, out = reproduced["recipe"], reproduced["out"]
+    noise = tmp_path / "noise"
+    proc = subprocess.run([sys.executable, str(TOOL), "--recipe", recipe, "--seeds", "0", "1", "--methods", "lora",
+                           "--out", noise, "--warm-starts", out], env=env(OMP_NUM_THREADS="2"), capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for seed in (0, 1):
+        link = noise / "runs" / f"warmstart-seed{seed}"
+        assert link.is_symlink() and link.resolve() == (out / "runs" / f"warmstart-seed{seed}").resolve()
+        assert f"warmstart-seed{seed}: linked from" in proc.stderr
+    assert "run 1/2 lora-seed0: started" in proc.stderr and "warmstart-seed0: started" not in proc.stderr
+    assert json.loads((noise / "recipe.json").read_text())["launch"] == {
+        "launcher": "local", "nproc_per_node": 1, "threads_per_process": 2}
+
+    report = reproduce("--out", out, "--report-only", "--noise-from", noise)
+    data = json.loads((out / "results.json").read_text())
+    floor = data["noise_floor"]
+    pairs = [(p["method"], p["seed"]) for p in floor["pairs"]]
+    assert pairs == [("lora", 0), ("lora", 1)]
+    ppl = {(r["method"], r["seed"]): r["perplexity"] for r in data["runs"]}
+    there = {s: read_metrics(noise / "runs" / f"lora-seed{s}", "eval")[-1]["perplexity"] for s in (0, 1)}
+    assert floor["perplexity"] == pytest.approx(max(abs(there[s] - ppl[("lora", s)]) / ppl[("lora", s)]
+                                                    for s in (0, 1)))
+    assert all(p["floor"] == floor["perplexity"] and p["beyond_noise"] in (True, False) for p in data["paired"])
+    text = (out / "report.md").read_text()
+    assert "## Noise floor" in text and "local, 1 process x 2 threads (noise)" in text
+    assert all("noise" in line for line in text.splitlines() if line.startswith("- Paired by seed"))
+    assert json.loads((out / "recipe.json").read_text())["noise_from"] == [str(noise.resolve())]
+    reproduce("--out", out, "--report-only")  # a later report keeps the floor
+    assert json.loads((out / "results.json").read_text())["noise_floor"] == floor
+
+    # Refused, one line each: warm starts of other settings, noise runs of other settings.
+    other = one_line_error(reproduce("--recipe", recipe, "--seeds", "0", "--out", tmp_path / "o", "--warm-starts",
+                                     out, "optim.lr=0.5", check=False), "--warm-starts", "optim.lr")
+    assert "other settings" in other and not (tmp_path / "o" / "runs").exists()
+    record = json.loads((noise / "recipe.json").read_text())
+    record["configs"]["lora"]["optim.lr"] = 0.5
+    (noise / "recipe.json").write_text(json.dumps(record))
+    one_line_error(reproduce("--out", out, "--report-only", "--noise-from", noise, check=False),
+                   "--noise-from", "lora", "optim.lr")
+    assert report.returncode == 0
+
+
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warm-starts", metavar="DIR",
                         help="start the methods from DIR's finished warm starts (another --out of the same recipe "
                              "and settings) instead of training this folder's own: sweeps and noise runs")
+    parser.add_argument("--noise-from", nargs="+", metavar="DIR",
+                        help="reproductions of the same runs with other threads, launcher or processes (made with "
+                             "--warm-starts DIR): the verdict's noise floor (kept in DIR/recipe.json)")
     parser.add_argument("--report-only", action="store_true", help="write the report from DIR's finished runs")
     parser.add_argument("--dry-run", action="store_true", help="check everything, print the runs' commands, run none")
     parser.add_argument("--threshold", type=float, default=0.1, help="Figure 5 singular value threshold (0.1)")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MEGAMORA_DATA"] = str((REPO.parent / "shared" / "data").resolve())
     from megamora.recipes import RecipeError, load_recipe
     from megamora.reproduce import (
-        EXIT_STOPPED, ReproduceError, RunFailed, check_launcher, check_out_dir, check_plan, command,
+        EXIT_STOPPED, ReproduceError, RunFailed, check_launcher, check_noise_dirs, check_out_dir, check_plan, command,
         launch_settings, link_warm_starts, make_plan, pending_runs, read_record, submit_slurm, write_record, write_report,
     )
 
@@ -109,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ReproduceError(f"{out} has no recipe.json: nothing to report on")
             if args.recipe and load_recipe(args.recipe).name != record["recipe"]:
                 raise ReproduceError(f"{out} holds runs of recipe {record['recipe']!r}, not {args.recipe!r}")
+            if args.noise_from:
+                record["noise_from"] = [str(d) for d in check_noise_dirs(out, record, args.noise_from)]
+                write_record(out, record)
             return report(out, args, write_report)
         check_launcher(args.launcher)
         recipe = load_recipe(args.recipe)
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.launcher != "slurm":  # a SLURM job's processes and threads are the job's
             record["launch"] = launch_settings(args.launcher, args.nproc_per_node)
+        if args.noise_from:
+            record["noise_from"] = [str(d) for d in check_noise_dirs(plan.out, record, args.noise_from)]
         write_record(plan.out, record)
         for run in finished:
             print(f"skip {run.name}: finished", file=sys.stderr)
