@@ -14,6 +14,7 @@ time. A command is transformed by the first rule that matches it:
 | train | `python launch/pretrain.py ...` | SMOKE_OVERRIDES appended (later overrides win): 2 steps of a 2-layer 9m model on the shared C4 sample |
 | torchrun / deepspeed | `torchrun ... launch/pretrain.py ...`, `deepspeed ... launch/pretrain.py ...` | the launcher's own parser reads its arguments; the training command runs with `--dry-run` at WORLD_SIZE = nodes x processes per node, and as one process by the train rule (the engine, stage and DeepSpeed JSON start up for real) |
 | sbatch | `sbatch [--nodes N ...] launch/slurm.sbatch ARGS` | nothing is submitted: SBATCH_OPTIONS are the only options taken, `bash -n` reads the script, ARGS run with `--dry-run` at WORLD_SIZE = nodes x the script's `--gpus-per-node`, and as one process by the train rule |
+| reproduce-noise | `[OMP_NUM_THREADS=N] python tools/reproduce.py ... --warm-starts SRC` or `... --report-only --noise-from DIR ...` | run for real in smoke form: SRC is first filled by a smoke run of the same recipe (replacing an earlier line's folder of another recipe) (`--seeds 0 --methods lora` + SMOKE_OVERRIDES) unless an earlier line did, then the line runs with SMOKE_OVERRIDES appended; a `--noise-from` report runs as written on what the lines before it made |
 | reproduce | `python tools/reproduce.py ...` | `--dry-run` appended; with `--report-only`, DIR is first filled by a real smoke run (`--recipe table3-250m --seeds 0 --methods lora` + SMOKE_OVERRIDES: a recipe without a warm start), then the command runs as written |
 | tool | `python tools/<one of TOOLS>.py ...` | as written, `--tokens N` capped at 256 |
 | benchmark | `python benchmarks/<one of BENCH_SMOKE>.py ...` | BENCH_SMOKE's tiny arguments appended (argparse: later ones win) |
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -315,6 +317,22 @@ def check_reproduce(cmd: Command, scratch: Scratch) -> None:
         assert "launch/pretrain.py" in out, f"{cmd}: the dry run printed no run command"
 
 
+def check_reproduce_noise(cmd: Command, scratch: Scratch) -> None:
+    argv = cmd.argv
+    if "--warm-starts" not in argv:
+        run(cmd, argv, scratch)  # the --noise-from report, over the runs the lines before it made
+        return
+    source, recipe = argv[argv.index("--warm-starts") + 1], argv[argv.index("--recipe") + 1]
+    record = scratch.root / source / "recipe.json"
+    if record.is_file() and json.loads(record.read_text())["recipe"] != recipe:
+        shutil.rmtree(scratch.root / source)  # an earlier line's folder of another recipe
+    if not record.is_file():
+        run(cmd, ["python", "tools/reproduce.py", "--recipe", recipe, "--seeds", "0",
+                  "--methods", "lora", "--out", source, *SMOKE_OVERRIDES], scratch, env={"OMP_NUM_THREADS": "2"})
+    out = run(cmd, [*argv, *SMOKE_OVERRIDES], scratch)
+    assert "linked from" in out, f"{cmd}: no warm start was linked"
+
+
 def check_tool(cmd: Command, scratch: Scratch) -> None:
     argv = list(cmd.argv)
     if "--tokens" in argv:
@@ -359,6 +377,8 @@ RULES = [
     Rule("torchrun", lambda c: _program(c, "torchrun") and not c.env, check_torchrun),
     Rule("deepspeed", lambda c: _program(c, "deepspeed") and not c.env, check_deepspeed),
     Rule("sbatch", lambda c: _program(c, "sbatch") and not c.env, check_sbatch),
+    Rule("reproduce-noise", lambda c: _python_script(c, "tools/reproduce.py") and set(c.env) <= {"OMP_NUM_THREADS"}
+         and ("--warm-starts" in c.argv or "--noise-from" in c.argv), check_reproduce_noise),
     Rule("reproduce", lambda c: _python_script(c, "tools/reproduce.py") and not c.env, check_reproduce),
     Rule("tool", lambda c: any(_python_script(c, f"tools/{t}.py") for t in TOOLS) and not c.env, check_tool),
     Rule("benchmark", lambda c: any(_python_script(c, f"benchmarks/{b}.py") for b in BENCH_SMOKE) and not c.env,
