@@ -455,7 +455,7 @@ def test_rows_are_labelled_and_coloured_through_the_method_registry():
     expected = {"full": "Full-rank", "lora": "LoRA", "mora": "MoRA", "relora": "ReLoRA", "remora": "ReMoRA",
                 "mora-type6": "MoRA (type6)", "mora-decouple": "MoRA (decouple)",
                 "mora-truncation": "MoRA (truncation)", "lora_plus": "LoRA+", "asylora": "AsyLoRA", "dora": "DoRA",
-                "galore": "GaLore", "apollo": "APOLLO"}
+                "galore": "GaLore", "apollo": "APOLLO", "relora-paper": "ReLoRA (paper)"}
     for name in ("cpu", "table3-250m", "table3-1b"):
         recipe = load_recipe(name)
         for key in recipe.all_methods:
