@@ -84,8 +84,13 @@ def tag(relative: Mapping[int, float], floor: Optional[NoiseFloor], what: str = 
         return f" (no {what.replace('_', '-')} noise floor measured: not judged)"
     smallest = min(abs(v) for v in relative.values())
     if beyond(relative, value):
-        return f" — **beyond noise** (every seed beyond the {100 * value:.1f}% floor)"
-    return f" — *within noise* (smallest seed {100 * smallest:.1f}%, floor {100 * value:.1f}%)"
+        return f" — **beyond noise** (every seed beyond the {percent(value)} floor)"
+    return f" — *within noise* (smallest seed {percent(smallest)}, floor {percent(value)})"
+
+
+def percent(fraction: float) -> str:
+    """A relative difference in percent, with the digits a floor well below 1% needs."""
+    return f"{100 * fraction:.2f}%" if fraction < 0.1 else f"{100 * fraction:.1f}%"
 
 
 def seed_spread(per_seed: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
@@ -105,9 +110,9 @@ def markdown(floor: NoiseFloor, labels: Mapping[str, str], spread: Mapping[str, 
             lines.append(f"| {labels.get(p.method, p.method)}, seed {p.seed} | {p.setting} | {p.perplexity[0]:.2f} | "
                          f"{p.perplexity[1]:.2f} | {100 * p.perplexity_rel:.2f}% | {sv} |")
         lines.append("")
-    sv = (f"; singular-value counts (mean over module types) {100 * floor.singular_values:.1f}%"
+    sv = (f"; singular-value counts (mean over module types) {percent(floor.singular_values)}"
           if floor.singular_values is not None else "")
-    lines.append(f"**Floor**: perplexity {100 * floor.perplexity:.2f}%{sv} ({floor.source}): the largest "
+    lines.append(f"**Floor**: perplexity {percent(floor.perplexity)}{sv} ({floor.source}): the largest "
                  "difference between runs of one method and seed that differ only in float order.")
     if spread:
         lo, hi = min(spread.values()), max(spread.values())

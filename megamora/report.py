@@ -30,6 +30,7 @@ from megamora.methods import FULL_RANK, Method, known_methods, method_of
 from megamora.noise import NoiseFloor
 from megamora.noise import beyond as beyond_noise
 from megamora.noise import markdown as noise_markdown
+from megamora.noise import percent as noise_percent
 from megamora.noise import seed_spread as noise_spread
 from megamora.noise import tag as noise_tag
 from megamora.paper_numbers import PAPER_TABLE3, PAPER_TABLES, paper_perplexity
@@ -363,9 +364,11 @@ def ppl_verdict(summaries: dict[str, MethodSummary], results: Sequence[RunResult
             if (p := paired(results, low, high, noise)) is not None:
                 pairs.append(p)
     if noise is not None and pairs:
-        real = [p for p in pairs if p.beyond_noise and p.n_lower == len(p.seeds)]
-        lines[0] += (f" Of the paper's {len(pairs)} paired relations below, {len(real)} hold beyond noise on every "
-                     f"seed ({100 * noise.perplexity:.1f}% floor).")
+        held = sum(1 for p in pairs if p.beyond_noise and p.n_lower == len(p.seeds))
+        reversed_ = sum(1 for p in pairs if p.beyond_noise and p.n_lower == 0)
+        lines[0] += (f" Of the paper's {len(pairs)} paired relations below, against a {noise_percent(noise.perplexity)} "
+                     f"noise floor: {held} hold beyond noise on every seed, {reversed_} are reversed beyond noise, "
+                     f"{len(pairs) - held - reversed_} are within noise.")
     elif pairs:
         lines[0] += " No noise floor was measured: the paired differences below are not judged against one."
     lines += [f"Paired by seed: {p.sentence(label[p.lower], label[p.higher], noise)}." for p in pairs]

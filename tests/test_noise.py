@@ -30,7 +30,7 @@ def test_beyond_noise_needs_every_seed_beyond_the_floor_in_one_direction():
     assert not beyond({}, 0.0)
     floor = NoiseFloor(0.02, None, "test")
     assert "**beyond noise**" in tag({0: 0.05, 1: 0.03}, floor)
-    assert "*within noise* (smallest seed 1.0%, floor 2.0%)" in tag({0: 0.05, 1: 0.01}, floor)
+    assert "*within noise* (smallest seed 1.00%, floor 2.00%)" in tag({0: 0.05, 1: 0.01}, floor)
     assert "not judged" in tag({0: 0.5}, floor, "singular_values")
     assert seed_spread({"a": {0: 90.0, 1: 110.0}, "b": {0: 5.0}}) == {"a": pytest.approx(2 ** 0.5 / 10)}
 
@@ -48,17 +48,27 @@ def test_verdict_calls_each_relation_beyond_or_within_noise():
     v = verdict(summaries, res, NoiseFloor(0.02, 0.1, "test"))
     lines = {l.split(": ", 1)[1].split(" on ")[0]: l for l in v.ppl_lines if l.startswith("Paired by seed")}
     assert "**beyond noise**" in lines["MoRA lower than LoRA"]
-    assert "*within noise* (smallest seed 1.0%, floor 2.0%)" in lines["ReLoRA lower than LoRA"]
+    assert "*within noise* (smallest seed 1.00%, floor 2.00%)" in lines["ReLoRA lower than LoRA"]
     assert "*within noise*" in lines["ReMoRA lower than MoRA"]
     by_pair = {(p.lower, p.higher): p for p in v.pairs}
     assert by_pair[("mora", "lora")].beyond_noise is True and by_pair[("relora", "lora")].beyond_noise is False
     assert by_pair[("mora", "lora")].floor == 0.02
-    assert "hold beyond noise on every seed (2.0% floor)" in v.ppl_lines[0]
+    assert ("against a 2.00% noise floor: 3 hold beyond noise on every seed, 0 are reversed beyond noise, "
+            "2 are within noise") in v.ppl_lines[0]
     assert all("beyond noise" in l for l in v.sv_lines[1:])  # 80 vs 6 counts: far beyond a 10% floor
     # The same numbers with a floor above every difference: nothing is beyond noise.
     wide = verdict(summaries, res, NoiseFloor(0.2, 20.0, "test"))
     assert not any(p.beyond_noise for p in wide.pairs)
-    assert "0 hold beyond noise" in wide.ppl_lines[0]
+    assert "0 hold beyond noise on every seed, 0 are reversed beyond noise, 5 are within noise" in wide.ppl_lines[0]
+    # ReLoRA 5% above LoRA on every seed: against the paper, beyond noise.
+    for r in res:
+        if r.method == "relora":
+            r.perplexity = 1.05 * next(x.perplexity for x in res if x.method == "lora" and x.seed == r.seed)
+    summaries = {m: summarize(res, m) for m in ("lora", "mora", "relora", "remora")}
+    worse = verdict(summaries, res, NoiseFloor(0.02, 0.1, "test"))
+    assert "1 are reversed beyond noise" in worse.ppl_lines[0]
+    assert any(l.startswith("Paired by seed: ReLoRA higher than LoRA on 3/3 seeds, by 5.0%") and "**beyond noise**" in l
+               for l in worse.ppl_lines)
     # No floor: the differences are described and the report says they are not judged.
     bare = verdict(summaries, res)
     assert all(p.beyond_noise is None for p in bare.pairs)
