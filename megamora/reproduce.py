@@ -38,7 +38,8 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 PLAN_KEYS = ("run_dir", "seed", "warm_start")
 # Settings that do not change a run's numbers: a DIR may be continued with other values of them.
 FREE_KEYS = ("logging.", "parallel.device", "parallel.engine", "parallel.zero_stage", "parallel.deepspeed_config",
-             "parallel.activation_checkpointing", "parallel.compile", "parallel.loss_chunk_size")
+             "parallel.activation_checkpointing", "parallel.compile", "parallel.loss_chunk_size",
+             "save_every", "keep_last")  # checkpoints change no number of a run (bitwise resume)
 EXIT_STOPPED = 75  # as launch/pretrain.py: stopped with a checkpoint, run the same command again
 
 
