@@ -663,8 +663,9 @@ def launch_label(launch: Optional[dict]) -> str:
     return f"{launch['launcher']}, {n} process{'es' if n > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
 
 
-def _finished_results(out: Path, record: dict, names: Sequence[tuple[str, int]], threshold: float, device: str,
+def _finished_results(out: Path, names: Sequence[tuple[str, int]], threshold: float, device: str,
                       stream: TextIO, missing: Optional[list] = None) -> list:
+    """collect_run of each finished run of `names` in out/runs; the others go to `missing`."""
     from megamora import report
     from megamora.export import run_config
 
@@ -726,7 +727,7 @@ def noise_floor(out: Path, record: dict, results: Sequence, threshold: float, de
             other = read_record(d)
             names = [key for key in reference if key[0] in other.get("methods", []) and key[1] in other.get("seeds", [])]
             setting = f"{launch_label(other.get('launch'))} ({d.name})"
-            others[setting] = values(_finished_results(d, other, names, threshold, device, stream))
+            others[setting] = values(_finished_results(d, names, threshold, device, stream))
         floor = noise.measure(reference, others)
         if floor is not None:
             floor.source = f"measured here against {launch_label(record.get('launch'))}"
@@ -748,9 +749,9 @@ def write_report(out: str | Path, threshold: float = 0.1, device: str = "cpu", s
         raise ReproduceError(f"{out} has no recipe.json: not a reproduce folder")
     seeds, methods = record["seeds"], record["methods"]
     missing: list[str] = []
-    warm = _finished_results(out, record, [(WARM_START, s) for s in seeds] if record.get("warm_start_steps") else [],
+    warm = _finished_results(out, [(WARM_START, s) for s in seeds] if record.get("warm_start_steps") else [],
                              threshold, device, stream, missing)
-    results = _finished_results(out, record, [(m, s) for m in methods for s in seeds], threshold, device, stream,
+    results = _finished_results(out, [(m, s) for m in methods for s in seeds], threshold, device, stream,
                                 missing)
     if not results:
         raise ReproduceError(f"{out}: no finished run to report on yet")
